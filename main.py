@@ -1,0 +1,309 @@
+"""The HTTP face of onebox: accept a countdown, hand it to RabbitMQ, answer.
+
+Read top to bottom: the bodies, the publisher (the web process's one AMQP
+connection), the routes, error handling and the app. ``python tasks.py web``
+serves it on granian; the countdown itself runs in tasks.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+import aiormq
+import dramatiq
+import msgspec
+from aiormq.abc import AbstractChannel, AbstractConnection, FieldTable
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
+from dramatiq.common import dq_name, xq_name
+from litestar import Litestar, Request, get, post
+from litestar.di import Provide
+from litestar.dto import MsgspecDTO
+from litestar.exceptions import (
+    ClientException,
+    HTTPException,
+    ServiceUnavailableException,
+    ValidationException,
+)
+from litestar.logging import LoggingConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.static_files import create_static_files_router
+from swagger_ui_bundle import swagger_ui_path
+
+import tasks
+from tasks import Settings, settings
+
+logger = logging.getLogger("onebox")
+# The worker's format (Dramatiq's), so that both programs read alike.
+LOG_FORMAT = "[%(asctime)s] [PID %(process)d] [%(name)s] [%(levelname)s] %(message)s"
+
+
+# -- Bodies ------------------------------------------------------------------
+
+
+class TaskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A countdown to run: a JSON integer of seconds."""
+
+    seconds: Annotated[int, msgspec.Meta(ge=1, le=settings.max_seconds, examples=[5])]
+
+
+class TaskAccepted(msgspec.Struct):
+    """RabbitMQ has the task, durably: it will run."""
+
+    id: Annotated[str, msgspec.Meta(description="The Dramatiq message id.")]
+    seconds: int
+    status: Literal["queued"]
+    queued_at: datetime
+
+
+class Status(msgspec.Struct):
+    status: Literal["ok", "ready"]
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """Every error, as RFC 9457 problem details (application/problem+json)."""
+
+    status: int
+    title: str
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+# -- Publishing ---------------------------------------------------------------
+
+
+class BrokerUnavailable(ServiceUnavailableException):
+    """RabbitMQ did not take the task; the detail says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail=detail, headers={"Retry-After": "1"})
+
+
+class Publisher:
+    """The web process's one AMQP connection, shared by all its requests.
+
+    One channel in confirm mode carries every publish; many can await their
+    confirms at once, so a remote broker's round trip does not cap throughput.
+    ``run`` keeps the connection up for the life of the app, reconnecting by
+    itself; while it is down, publishes fail at once instead of waiting.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connection: AbstractConnection | None = None
+        self.channel: AbstractChannel | None = None
+        self.problem = "not connected to the broker yet"
+
+    @property
+    def ready(self) -> bool:
+        return self.channel is not None and not self.channel.is_closed
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.connect()
+                self.problem = ""
+                logger.info("broker connected")
+                assert self.connection is not None and self.channel is not None
+                await asyncio.wait(
+                    [self.connection.closing, self.channel.closing],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                self.problem = "the broker connection was lost; reconnecting"
+            except Exception as error:  # noqa: BLE001 - any failure means: not connected, retry
+                self.problem = f"cannot reach the broker: {self.describe(error)}"
+            logger.warning("%s", self.problem)
+            await self.close()
+            await asyncio.sleep(1)
+
+    async def connect(self) -> None:
+        url = self.settings.cloudamqp_url
+        separator = "&" if "?" in url else "?"
+        async with asyncio.timeout(self.settings.publish_timeout):
+            self.connection = await aiormq.connect(f"{url}{separator}heartbeat={self.settings.heartbeat}")
+            channel = await self.connection.channel(publisher_confirms=True)
+            await self.declare_queues(channel)
+        self.channel = channel
+
+    async def declare_queues(self, channel: AbstractChannel) -> None:
+        """Declare the queue and its delay and dead-letter queues exactly as
+        Dramatiq's worker does; RabbitMQ refuses a second declaration that
+        differs, so the real worker's start proves these arguments."""
+        queue = self.settings.queue_name
+        dead_letters: FieldTable = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+        await channel.queue_declare(queue, durable=True, arguments=dead_letters)
+        await channel.queue_declare(dq_name(queue), durable=True, arguments=dead_letters)
+        await channel.queue_declare(xq_name(queue), durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL})
+
+    async def close(self) -> None:
+        connection, self.connection, self.channel = self.connection, None, None
+        if connection is not None and not connection.is_closed:
+            await connection.close()
+
+    async def publish(self, message: dramatiq.Message[Any]) -> None:
+        """Return once RabbitMQ has confirmed the message, or raise BrokerUnavailable."""
+        channel = self.channel
+        if channel is None or channel.is_closed:
+            raise BrokerUnavailable(self.problem or "the broker connection is closed")
+        try:
+            await channel.basic_publish(
+                message.encode(),
+                routing_key=message.queue_name,
+                properties=aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message.message_id),
+                # Without mandatory, RabbitMQ confirms a message that no queue took.
+                mandatory=True,
+                timeout=self.settings.publish_timeout,
+            )
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"the broker did not confirm within {self.settings.publish_timeout:g} s; "
+                "the task may or may not have been queued"
+            ) from None
+        except aiormq.exceptions.PublishError:
+            # Somebody deleted the queue: declare it again for the next request.
+            await self.declare_queues(channel)
+            raise BrokerUnavailable(f"queue {message.queue_name!r} was missing; the task was not queued") from None
+        except aiormq.exceptions.DeliveryError:
+            raise BrokerUnavailable("the broker refused the task; it was not queued") from None
+        except (aiormq.exceptions.AMQPError, ConnectionError) as error:
+            raise BrokerUnavailable(
+                f"the broker connection failed: {self.describe(error)}; the task may or may not have been queued"
+            ) from None
+
+    def describe(self, error: BaseException) -> str:
+        return tasks.redact(f"{type(error).__name__}: {error}", self.settings.cloudamqp_url)
+
+
+# -- Routes ---------------------------------------------------------------------
+
+
+class StrictJSON(MsgspecDTO[TaskRequest]):
+    """Decode the body as JSON, strictly: "5" and 5.0 are not 5.
+
+    Litestar's own decoding is lax and would turn "5" into 5.
+    """
+
+    def decode_bytes(self, value: bytes) -> TaskRequest:
+        try:
+            return msgspec.json.decode(value, type=TaskRequest)
+        except msgspec.DecodeError as error:
+            raise ValidationException(detail=str(error)) from None
+
+
+async def require_json(request: Request[Any, Any, Any]) -> None:
+    if request.content_type[0] != "application/json":
+        raise ClientException(status_code=415, detail="the body must be JSON: Content-Type: application/json")
+    if not await request.body():
+        raise ValidationException(detail='the body is empty; expected {"seconds": <integer>}')
+
+
+ERRORS = {
+    400: ResponseSpec(Problem, description="The body is not a valid task.", media_type="application/problem+json"),
+    413: ResponseSpec(Problem, description="The body is too large.", media_type="application/problem+json"),
+    415: ResponseSpec(Problem, description="The body is not JSON.", media_type="application/problem+json"),
+    503: ResponseSpec(
+        Problem, description="The broker did not take the task; retry.", media_type="application/problem+json"
+    ),
+}
+
+
+@post(
+    "/tasks",
+    status_code=202,
+    dto=StrictJSON,
+    return_dto=None,
+    before_request=require_json,
+    responses=ERRORS,
+    summary="Start a countdown",
+)
+async def create_task(data: TaskRequest, publisher: Publisher) -> TaskAccepted:
+    """Queue a countdown of `seconds`. 202 means RabbitMQ has confirmed it, durably."""
+    message = tasks.countdown.message(data.seconds)
+    await publisher.publish(message)
+    queued_at = datetime.fromtimestamp(message.message_timestamp / 1000, UTC)
+    return TaskAccepted(id=message.message_id, seconds=data.seconds, status="queued", queued_at=queued_at)
+
+
+@get("/healthz", summary="Liveness")
+async def healthz() -> Status:
+    """The process answers. No I/O: a broker outage must not get it restarted."""
+    return Status(status="ok")
+
+
+@get("/readyz", responses={503: ERRORS[503]}, summary="Readiness")
+async def readyz(publisher: Publisher) -> Status:
+    """Ready while the broker connection is usable."""
+    if not publisher.ready:
+        raise BrokerUnavailable(publisher.problem)
+    return Status(status="ready")
+
+
+# -- Errors and the app -----------------------------------------------------------
+
+
+def problem_details(error: HTTPException) -> ProblemDetailsException:
+    """One error shape: RFC 9457, with the exception's detail as `detail`."""
+    errors = error.extra if isinstance(error.extra, list) else None
+    return ProblemDetailsException(
+        status_code=error.status_code,
+        title=HTTPStatus(error.status_code).phrase,
+        detail=error.detail,
+        headers=error.headers,
+        extra={"errors": errors} if errors else None,
+    )
+
+
+def create_app(publisher: Publisher) -> Litestar:
+    @asynccontextmanager
+    async def broker_connection(_: Litestar) -> AsyncIterator[None]:
+        keeper = asyncio.create_task(publisher.run())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            await publisher.close()
+
+    return Litestar(
+        route_handlers=[
+            create_task,
+            healthz,
+            readyz,
+            # The API docs load their scripts from here, not from a CDN.
+            create_static_files_router("/docs/assets", directories=[swagger_ui_path], include_in_schema=False),
+        ],
+        dependencies={"publisher": Provide(lambda: publisher, use_cache=True, sync_to_thread=False)},
+        lifespan=[broker_connection],
+        plugins=[
+            ProblemDetailsPlugin(ProblemDetailsConfig(exception_to_problem_detail_map={HTTPException: problem_details}))
+        ],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="onebox",
+            version="0.1.0",
+            path="/docs",
+            render_plugins=[
+                SwaggerRenderPlugin(
+                    path="/",
+                    js_url="/docs/assets/swagger-ui-bundle.js",
+                    css_url="/docs/assets/swagger-ui.css",
+                    standalone_preset_js_url="/docs/assets/swagger-ui-standalone-preset.js",
+                    favicon="<link rel='icon' href='/docs/assets/favicon-32x32.png'>",
+                )
+            ],
+        ),
+        logging_config=LoggingConfig(
+            root={"level": settings.log_level, "handlers": ["queue_listener"]},
+            formatters={"standard": {"format": LOG_FORMAT}},
+            log_exceptions="always",
+        ),
+    )
+
+
+app = create_app(Publisher(settings))
