@@ -1,0 +1,294 @@
+"""Shared test helpers: real processes, a real RabbitMQ, a TCP proxy to break."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pika
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; a missing tool skips on a laptop and fails in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rabbit_connection() -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.URLParameters(RABBIT_URL))
+
+
+def delete_queues(queue: str) -> None:
+    connection = rabbit_connection()
+    try:
+        channel = connection.channel()
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            channel.queue_delete(name)
+    finally:
+        connection.close()
+
+
+def queue_depth(queue: str) -> int:
+    """Messages ready in the queue (it must exist)."""
+    connection = rabbit_connection()
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def queue_name() -> Iterator[str]:
+    """A queue name of this test's own; its queues are deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    delete_queues(name)
+
+
+class Process:
+    """A child process whose merged output is collected line by line."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path = ROOT, user: int | None = None) -> None:
+        self.command = command
+        self.popen = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def tail(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def wait_for(self, pattern: str, timeout: float = 30, start: int = 0) -> re.Match[str]:
+        """The first output line from ``start`` on that matches ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        while True:
+            for index in range(seen, len(self.lines)):
+                if match := regex.search(self.lines[index]):
+                    return match
+            seen = len(self.lines)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no line matching {pattern!r} in {timeout} s; output:\n{self.tail}")
+            if self.popen.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"exited ({self.popen.returncode}) before {pattern!r}; output:\n{self.tail}")
+            time.sleep(0.05)
+
+    def send_signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        code = self.popen.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def stop(self) -> None:
+        """End the process and everything it started, whatever state it is in."""
+        try:
+            children = psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(35)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        # supervisord puts each program in a process group of its own.
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        self._reader.join(5)
+
+
+def stack_env(**overrides: str | int) -> dict[str, str]:
+    """The environment for onebox's programs: this venv, plus settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTEST", "COV"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+def start_stack(user: int | None = None, **settings: str | int) -> Process:
+    """supervisord with supervisord.conf, as the container runs it."""
+    supervisord = str(Path(sys.executable).parent / "supervisord")
+    return Process([supervisord, "-c", str(ROOT / "supervisord.conf")], stack_env(**settings), user=user)
+
+
+def wait_http(url: str, timeout: float = 20, status: int = 200) -> httpx.Response:
+    """Poll ``url`` until it answers ``status``."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == status:
+                return response
+            last = response.status_code
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer {status} within {timeout} s (last: {last!r})")
+
+
+class TcpProxy:
+    """A TCP forwarder to a broker that a test can break and mend.
+
+    ``cut()`` closes every connection and refuses new ones; ``blackhole()``
+    accepts new connections and never answers, while open ones stop
+    forwarding but stay open; ``restore()`` forwards again.
+    """
+
+    def __init__(self, target_port: int = 5672) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.mode = "forward"
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, user: str = "guest", password: str = "guest") -> str:
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.mode == "cut":
+                client.close()
+                continue
+            with self.lock:
+                self.sockets.append(client)
+            if self.mode == "blackhole":
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.sockets.append(upstream)
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(0.1)
+        while not self.closed:
+            if self.mode == "blackhole":
+                time.sleep(0.05)
+                continue
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _close_all(self) -> None:
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def cut(self) -> None:
+        self.mode = "cut"
+        self._close_all()
+
+    def blackhole(self) -> None:
+        self.mode = "blackhole"
+
+    def restore(self) -> None:
+        if self.mode == "blackhole":
+            # Connections held open while silent are dead to both ends by now.
+            self._close_all()
+        self.mode = "forward"
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        self._close_all()
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    proxy = TcpProxy()
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def stacks() -> Iterator[list[Process]]:
+    """Processes a test starts; all are stopped afterwards, whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
