@@ -22,7 +22,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection, FieldTable
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
 from litestar import Litestar, Request, get, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.dto import MsgspecDTO
 from litestar.exceptions import (
     ClientException,
@@ -33,6 +33,7 @@ from litestar.exceptions import (
 from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.params import JSONBody
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
 from litestar.static_files import create_static_files_router
 from swagger_ui_bundle import swagger_ui_path
@@ -223,7 +224,7 @@ ERRORS = {
     responses=ERRORS,
     summary="Start a countdown",
 )
-async def create_task(data: TaskRequest, publisher: Publisher) -> TaskAccepted:
+async def create_task(data: JSONBody[TaskRequest], publisher: NamedDependency[Publisher]) -> TaskAccepted:
     """Queue a countdown of `seconds`. 202 means RabbitMQ has confirmed it, durably."""
     message = tasks.countdown.message(data.seconds)
     await publisher.publish(message)
@@ -238,7 +239,7 @@ async def healthz() -> Status:
 
 
 @get("/readyz", responses={503: ERRORS[503]}, summary="Readiness")
-async def readyz(publisher: Publisher) -> Status:
+async def readyz(publisher: NamedDependency[Publisher]) -> Status:
     """Ready while the broker connection is usable."""
     if not publisher.ready:
         raise BrokerUnavailable(publisher.problem)
@@ -301,7 +302,9 @@ def create_app(publisher: Publisher) -> Litestar:
         logging_config=LoggingConfig(
             root={"level": settings.log_level, "handlers": ["queue_listener"]},
             formatters={"standard": {"format": LOG_FORMAT}},
+            # Log the unexpected, not every client's mistake or a broker outage.
             log_exceptions="always",
+            disable_stack_trace={400, 401, 404, 405, 409, 413, 415, 429, 503},
         ),
     )
 

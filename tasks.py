@@ -47,8 +47,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     queue_prefetch: Annotated[int, Meta(ge=1, le=1000)]
     max_retries: Annotated[int, Meta(ge=0, le=10)]
     max_seconds: Annotated[int, Meta(ge=1, le=LONGEST_COUNTDOWN)]
-    # supervisord's stopwaitsecs (30) is the hard limit; leave room for it.
-    stop_grace: Annotated[int, Meta(ge=1, le=25)]
+    # Stopping takes up to stop_grace + 5 s; supervisord kills at 30 s.
+    stop_grace: Annotated[int, Meta(ge=1, le=20)]
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
     def __post_init__(self) -> None:

@@ -24,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 IN_CI = os.environ.get("CI") == "true"
+# The app under test in this process publishes to a queue of this run's own.
+os.environ["QUEUE_NAME"] = f"test-{uuid.uuid4().hex[:10]}"
 
 
 def require_tool(name: str) -> str:
@@ -64,6 +66,13 @@ def queue_depth(queue: str) -> int:
         return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
     finally:
         connection.close()
+
+
+@pytest.fixture
+def app_queue() -> Iterator[str]:
+    """The queue the in-process app publishes to; deleted after the test."""
+    yield os.environ["QUEUE_NAME"]
+    delete_queues(os.environ["QUEUE_NAME"])
 
 
 @pytest.fixture
@@ -242,6 +251,8 @@ class TcpProxy:
                 break
             if not data:
                 break
+            if self.mode == "blackhole":
+                continue  # dropped on the floor, as by a dead network
             try:
                 sink.sendall(data)
             except OSError:

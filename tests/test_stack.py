@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import httpx
+import signal
+import socket
+import subprocess
+import time
 
-from conftest import Process, free_port, start_stack, wait_http
+import httpx
+import psutil
+from conftest import Process, free_port, stack_env, start_stack, wait_http
 
 
 def started_stack(stacks: list[Process], queue_name: str, **settings: str | int) -> tuple[Process, str]:
@@ -12,7 +17,10 @@ def started_stack(stacks: list[Process], queue_name: str, **settings: str | int)
     stack = start_stack(PORT=port, QUEUE_NAME=queue_name, **settings)
     stacks.append(stack)
     base = f"http://127.0.0.1:{port}"
-    wait_http(f"{base}/readyz")
+    try:
+        wait_http(f"{base}/readyz")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.tail}") from None
     return stack, base
 
 
@@ -27,3 +35,112 @@ def test_a_posted_countdown_runs_to_completion(stacks: list[Process], queue_name
     stack.wait_for(rf"task {task_id} remaining=1")
     stack.wait_for(rf"task {task_id} remaining=0")
     stack.wait_for(rf"task {task_id} done seconds=2")
+
+
+def post_task(base: str, seconds: int) -> str:
+    response = httpx.post(f"{base}/tasks", json={"seconds": seconds})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def stop_and_time(stack: Process, sig: int) -> tuple[int, float]:
+    started = time.monotonic()
+    stack.send_signal(sig)
+    code = stack.wait(timeout=40)
+    return code, time.monotonic() - started
+
+
+def test_sigterm_lets_the_running_countdown_finish_and_exits_0(stacks: list[Process], queue_name: str) -> None:
+    stack, base = started_stack(stacks, queue_name, STOP_GRACE=10)
+    task_id = post_task(base, 3)
+    stack.wait_for(rf"task {task_id} started")
+
+    code, elapsed = stop_and_time(stack, signal.SIGTERM)
+
+    assert code == 0
+    assert elapsed < 10 + 5
+    stack.wait_for(rf"task {task_id} done seconds=3", timeout=0)
+
+
+def test_sigint_hands_an_unfinished_countdown_back_and_the_next_start_completes_it(
+    stacks: list[Process], queue_name: str
+) -> None:
+    stack, base = started_stack(stacks, queue_name, STOP_GRACE=1)
+    task_id = post_task(base, 5)
+    stack.wait_for(rf"task {task_id} started")
+
+    code, elapsed = stop_and_time(stack, signal.SIGINT)
+
+    assert code == 0
+    assert elapsed < 1 + 5
+    assert f"task {task_id} done" not in stack.output
+    successor, _ = started_stack(stacks, queue_name)
+    successor.wait_for(rf"task {task_id} started seconds=5 attempt=1 redelivered=yes")
+    successor.wait_for(rf"task {task_id} done seconds=5", timeout=15)
+
+
+def test_web_and_worker_stop_together(stacks: list[Process], queue_name: str) -> None:
+    stack, _ = started_stack(stacks, queue_name)
+
+    stack.send_signal(signal.SIGTERM)
+    stack.wait(timeout=40)
+
+    stopped = stack.wait_for(r"waiting for .*(web, worker|worker, web) to die")
+    assert stopped
+
+
+def test_a_program_that_keeps_crashing_ends_supervisord_with_a_failure(stacks: list[Process], queue_name: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        stack = start_stack(PORT=taken.getsockname()[1], QUEUE_NAME=queue_name)
+        stacks.append(stack)
+
+        code = stack.wait(timeout=90)
+
+    assert code != 0
+    stack.wait_for(r"gave up: web entered FATAL state", timeout=0)
+    stack.wait_for(r"stopped: worker \(exit status 0\)", timeout=0)
+
+
+def test_an_invalid_setting_stops_the_start_with_its_name_and_what_is_expected() -> None:
+    result = subprocess.run(
+        ["python", "tasks.py", "web"],
+        check=False,
+        env=stack_env(MAX_SECONDS="0"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == "onebox: invalid setting MAX_SECONDS: Expected `int` >= 1"
+
+
+def test_each_program_holds_its_broker_connections_and_no_more(stacks: list[Process], queue_name: str) -> None:
+    stack, base = started_stack(stacks, queue_name)
+    stack.wait_for(r"Worker process is ready for action")
+    for _ in range(20):
+        post_task(base, 1)
+
+    connections = amqp_connections_by_program(stack)
+
+    assert connections == {"web": 1, "worker": 2}
+
+
+def amqp_connections_by_program(stack: Process) -> dict[str, int]:
+    """ESTABLISHED connections to port 5672 per program, summed over its processes."""
+    counts: dict[str, int] = {}
+    for child in psutil.Process(stack.popen.pid).children():
+        command = " ".join(child.cmdline())
+        name = "web" if "granian" in command else "worker" if "dramatiq" in command else None
+        if name is None:
+            continue
+        tree = [child, *child.children(recursive=True)]
+        counts[name] = sum(
+            1
+            for process in tree
+            for connection in process.net_connections("tcp")
+            if connection.raddr and connection.raddr.port == 5672 and connection.status == "ESTABLISHED"
+        )
+    return counts

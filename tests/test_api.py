@@ -1,0 +1,216 @@
+"""The HTTP contract, fast: the app in-process with a publisher that records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from litestar.testing import TestClient
+
+import main
+import tasks
+
+
+class RecordingPublisher(main.Publisher):
+    """Takes every message as confirmed, or fails as told; no broker."""
+
+    def __init__(self) -> None:
+        super().__init__(tasks.settings)
+        self.messages: list[dramatiq.Message[Any]] = []
+        self.failure: main.BrokerUnavailable | None = None
+        self.connected = True
+
+    @property
+    def ready(self) -> bool:
+        return self.connected
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def publish(self, message: dramatiq.Message[Any]) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.messages.append(message)
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def client(publisher: RecordingPublisher) -> Iterator[TestClient[Any]]:
+    with TestClient(main.create_app(publisher)) as client:
+        yield client
+
+
+def post_json(client: TestClient[Any], body: bytes, content_type: str = "application/json") -> Any:
+    return client.post("/tasks", content=body, headers={"Content-Type": content_type})
+
+
+def test_a_valid_task_is_accepted_with_its_id(client: TestClient[Any], publisher: RecordingPublisher) -> None:
+    response = client.post("/tasks", json={"seconds": 5})
+
+    assert response.status_code == 202
+    body = response.json()
+    assert set(body) == {"id", "seconds", "status", "queued_at"}
+    assert body["seconds"] == 5
+    assert body["status"] == "queued"
+    assert body["id"] == publisher.messages[0].message_id
+    assert body["queued_at"].endswith("Z")
+
+
+def test_the_published_message_is_the_countdown_actors(client: TestClient[Any], publisher: RecordingPublisher) -> None:
+    client.post("/tasks", json={"seconds": 7})
+
+    [message] = publisher.messages
+    assert message.actor_name == "countdown"
+    assert message.queue_name == tasks.settings.queue_name
+    assert message.args == (7,)
+
+
+def test_max_seconds_is_accepted(client: TestClient[Any]) -> None:
+    response = client.post("/tasks", json={"seconds": tasks.settings.max_seconds})
+
+    assert response.status_code == 202
+
+
+BAD_BODIES = {
+    "a string number": (b'{"seconds": "5"}', "Expected `int`, got `str` - at `$.seconds`"),
+    "a float": (b'{"seconds": 5.0}', "Expected `int`, got `float` - at `$.seconds`"),
+    "a fraction": (b'{"seconds": 2.5}', "Expected `int`, got `float` - at `$.seconds`"),
+    "a boolean": (b'{"seconds": true}', "Expected `int`, got `bool` - at `$.seconds`"),
+    "null": (b'{"seconds": null}', "Expected `int`, got `null` - at `$.seconds`"),
+    "zero": (b'{"seconds": 0}', "Expected `int` >= 1 - at `$.seconds`"),
+    "a negative number": (b'{"seconds": -3}', "Expected `int` >= 1 - at `$.seconds`"),
+    "more than max_seconds": (b'{"seconds": 301}', "Expected `int` <= 300 - at `$.seconds`"),
+    "a huge integer": (b'{"seconds": 18446744073709551616}', "Expected `int` <= 300 - at `$.seconds`"),
+    "a missing field": (b"{}", "Object missing required field `seconds`"),
+    "an unknown field": (b'{"seconds": 5, "priority": 1}', "Object contains unknown field `priority`"),
+    "an array": (b"[5]", "Expected `object`, got `array`"),
+    "a bare number": (b"5", "Expected `object`, got `int`"),
+    "truncated JSON": (b'{"seconds": 5', "Input data was truncated"),
+    "trailing garbage": (b'{"seconds": 5} x', "JSON is malformed: trailing characters (byte 16)"),
+    "NaN": (b'{"seconds": NaN}', "JSON is malformed: invalid character (byte 12)"),
+    "an empty body": (b"", 'the body is empty; expected {"seconds": <integer>}'),
+    "not UTF-8": (b"\xff", "JSON is malformed: invalid character (byte 0)"),
+}
+
+
+@pytest.mark.parametrize("body,detail", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_a_bad_body_is_a_400_that_says_what_and_where(client: TestClient[Any], body: bytes, detail: str) -> None:
+    response = post_json(client, body)
+
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json() == {"status": 400, "title": "Bad Request", "detail": detail}
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_json_is_a_415(client: TestClient[Any], content_type: str) -> None:
+    response = post_json(client, b'{"seconds": 5}', content_type)
+
+    assert response.status_code == 415
+    assert response.json()["detail"] == "the body must be JSON: Content-Type: application/json"
+
+
+def test_json_with_a_charset_is_json(client: TestClient[Any]) -> None:
+    response = post_json(client, b'{"seconds": 5}', "application/json; charset=utf-8")
+
+    assert response.status_code == 202
+
+
+def test_a_body_over_the_size_limit_is_a_413(client: TestClient[Any], publisher: RecordingPublisher) -> None:
+    padding = " " * tasks.settings.max_body_bytes
+
+    response = post_json(client, f'{{"seconds": 5{padding}}}'.encode())
+
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    assert publisher.messages == []
+
+
+def test_an_unavailable_broker_is_a_503_with_the_reason(client: TestClient[Any], publisher: RecordingPublisher) -> None:
+    publisher.failure = main.BrokerUnavailable("cannot reach the broker: ConnectionRefusedError")
+
+    response = client.post("/tasks", json={"seconds": 5})
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {
+        "status": 503,
+        "title": "Service Unavailable",
+        "detail": "cannot reach the broker: ConnectionRefusedError",
+    }
+
+
+def test_healthz_answers_without_the_broker(client: TestClient[Any], publisher: RecordingPublisher) -> None:
+    publisher.connected = False
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_is_ready_while_connected(client: TestClient[Any]) -> None:
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready"}
+
+
+def test_readyz_is_a_503_with_the_reason_while_disconnected(
+    client: TestClient[Any], publisher: RecordingPublisher
+) -> None:
+    publisher.connected = False
+    publisher.problem = "cannot reach the broker: TimeoutError"
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["detail"] == "cannot reach the broker: TimeoutError"
+
+
+def test_an_unknown_path_is_a_404_problem(client: TestClient[Any]) -> None:
+    response = client.get("/nope")
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_a_wrong_method_is_a_405_problem(client: TestClient[Any]) -> None:
+    response = client.get("/tasks")
+
+    assert response.status_code == 405
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_the_openapi_schema_documents_the_task_body(client: TestClient[Any]) -> None:
+    schema = client.get("/docs/openapi.json").json()
+
+    operation = schema["paths"]["/tasks"]["post"]
+    assert set(operation["responses"]) == {"202", "400", "413", "415", "503"}
+    body_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = schema["components"]["schemas"][body_ref.rsplit("/", 1)[1]]
+    assert body["properties"]["seconds"] == {"type": "integer", "minimum": 1, "maximum": 300, "examples": [5]}
+
+
+def test_the_docs_page_loads_its_assets_from_the_app(client: TestClient[Any]) -> None:
+    page = client.get("/docs")
+
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower()
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "swagger-ui-standalone-preset.js"):
+        assert f"/docs/assets/{asset}" in page.text
+        assert client.get(f"/docs/assets/{asset}").status_code == 200
+
+
+def test_problem_bodies_are_json_objects(client: TestClient[Any]) -> None:
+    response = post_json(client, b"{")
+
+    assert isinstance(json.loads(response.content), dict)
