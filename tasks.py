@@ -13,7 +13,7 @@ import sys
 import time
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, NoReturn
 from urllib.parse import urlsplit
 
 import dramatiq
@@ -49,7 +49,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_seconds: Annotated[int, Meta(ge=1, le=LONGEST_COUNTDOWN)]
     # Stopping takes up to stop_grace + 5 s; supervisord kills at 30 s.
     stop_grace: Annotated[int, Meta(ge=1, le=20)]
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+    # A pattern, not a Literal, so that an error lists the choices.
+    log_level: Annotated[str, Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")]
 
     def __post_init__(self) -> None:
         if self.queue_prefetch < self.worker_threads:
@@ -80,6 +81,7 @@ def redact(text: str, url: str) -> str:
 
 settings = load_settings()
 logger = logging.getLogger("onebox")
+logger.setLevel(settings.log_level)
 
 
 class Broker(RabbitmqBroker):

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -86,7 +87,7 @@ def queue_name() -> Iterator[str]:
 class Process:
     """A child process whose merged output is collected line by line."""
 
-    def __init__(self, command: list[str], env: dict[str, str], cwd: Path = ROOT, user: int | None = None) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
         self.command = command
         self.popen = subprocess.Popen(
             command,
@@ -97,9 +98,6 @@ class Process:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            user=user,
-            group=user,
-            extra_groups=[] if user is not None else None,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -171,10 +169,10 @@ def stack_env(**overrides: str | int) -> dict[str, str]:
     return env
 
 
-def start_stack(user: int | None = None, **settings: str | int) -> Process:
+def start_stack(**settings: str | int) -> Process:
     """supervisord with supervisord.conf, as the container runs it."""
     supervisord = str(Path(sys.executable).parent / "supervisord")
-    return Process([supervisord, "-c", str(ROOT / "supervisord.conf")], stack_env(**settings), user=user)
+    return Process([supervisord, "-c", str(ROOT / "supervisord.conf")], stack_env(**settings))
 
 
 def wait_http(url: str, timeout: float = 20, status: int = 200) -> httpx.Response:
@@ -201,8 +199,9 @@ class TcpProxy:
     forwarding but stay open; ``restore()`` forwards again.
     """
 
-    def __init__(self, target_port: int = 5672) -> None:
+    def __init__(self, target_port: int = 5672, tls: ssl.SSLContext | None = None) -> None:
         self.target = ("127.0.0.1", target_port)
+        self.tls = tls
         self.mode = "forward"
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
@@ -212,6 +211,8 @@ class TcpProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, user: str = "guest", password: str = "guest") -> str:
+        if self.tls is not None:
+            return f"amqps://{user}:{password}@localhost:{self.port}/"
         return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
 
     def _accept(self) -> None:
@@ -223,6 +224,12 @@ class TcpProxy:
             if self.mode == "cut":
                 client.close()
                 continue
+            if self.tls is not None:
+                try:
+                    client = self.tls.wrap_socket(client, server_side=True)
+                except (OSError, ssl.SSLError):
+                    client.close()
+                    continue
             with self.lock:
                 self.sockets.append(client)
             if self.mode == "blackhole":

@@ -144,3 +144,20 @@ def amqp_connections_by_program(stack: Process) -> dict[str, int]:
             if connection.raddr and connection.raddr.port == 5672 and connection.status == "ESTABLISHED"
         )
     return counts
+
+
+def test_the_broker_password_appears_in_no_output_line(stacks: list[Process], queue_name: str) -> None:
+    secret = "Pa55-never-printed"
+    port = free_port()
+    stack = start_stack(PORT=port, QUEUE_NAME=queue_name, CLOUDAMQP_URL=f"amqp://guest:{secret}@127.0.0.1:5672/")
+    stacks.append(stack)
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+
+    stack.wait_for(r"\[onebox\] \[WARNING\] cannot reach the broker: .*ACCESS_REFUSED")
+    stack.wait_for(r"ConsumerThread.*Consumer encountered")
+    answers = [httpx.post(f"http://127.0.0.1:{port}/tasks", json={"seconds": 1}).text for _ in range(3)]
+    stack.send_signal(signal.SIGTERM)
+    stack.wait(timeout=40)
+
+    assert secret not in stack.output
+    assert all(secret not in answer for answer in answers)
