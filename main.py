@@ -8,6 +8,7 @@ serves it on granian; the countdown itself runs in tasks.py.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,20 +23,27 @@ from aiormq.abc import AbstractChannel, AbstractConnection, FieldTable
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
 from litestar import Litestar, Request, get, post
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.dto import MsgspecDTO
 from litestar.exceptions import (
     ClientException,
     HTTPException,
+    NotAuthorizedException,
     ServiceUnavailableException,
     ValidationException,
 )
+from litestar.handlers.base import BaseRouteHandler
 from litestar.logging import LoggingConfig
+from litestar.middleware.rate_limit import CacheObject, RateLimitConfig, RateLimitMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import JSONBody
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
 from litestar.static_files import create_static_files_router
+from litestar.types import Message, Scope
 from swagger_ui_bundle import swagger_ui_path
 
 import tasks
@@ -182,6 +190,67 @@ class Publisher:
         return tasks.redact(f"{type(error).__name__}: {error}", self.settings.cloudamqp_url)
 
 
+# -- Hardening ------------------------------------------------------------------
+
+
+def require_token(connection: ASGIConnection[Any, Any, Any, Any], __: BaseRouteHandler) -> None:
+    """With API_TOKEN set, changing state takes "Authorization: Bearer <token>"."""
+    token = connection.app.state.settings.api_token
+    if not token:
+        return
+    scheme, _, offered = connection.headers.get("authorization", "").partition(" ")
+    # Constant time: how long a comparison takes must not leak the token.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(offered.encode(), token.encode()):
+        raise NotAuthorizedException(
+            detail="a valid bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="onebox"'}
+        )
+
+
+def client_address(request: Request[Any, Any, Any]) -> str:
+    """The client's address, from the platform's header when one is configured.
+
+    Behind a proxy the socket peer is the proxy. Of a list (X-Forwarded-For)
+    only the last entry is the proxy's own: the ones before it are whatever
+    the client sent.
+    """
+    header = request.app.state.settings.client_ip_header
+    if header and (value := request.headers.get(header)):
+        return value.rsplit(",", 1)[-1].strip()
+    return request.client.host if request.client else "unknown"
+
+
+class RateLimit(RateLimitMiddleware):
+    """Litestar's limiter, also telling a 429's client when to come back."""
+
+    def create_response_headers(self, cache_object: CacheObject) -> dict[str, str]:
+        headers = super().create_response_headers(cache_object)
+        headers["Retry-After"] = headers[self.config.rate_limit_reset_header_key]
+        return headers
+
+
+def is_task_creation(request: Request[Any, Any, Any]) -> bool:
+    return request.method == "POST" and request.url.path == "/tasks"
+
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"strict-transport-security", b"max-age=31536000"),
+    # The docs page runs Swagger UI's inline initializer; nothing loads from elsewhere.
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+        b"img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+]
+
+
+async def add_security_headers(message: Message, _: Scope) -> None:
+    if message["type"] == "http.response.start":
+        message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+
+
 # -- Routes ---------------------------------------------------------------------
 
 
@@ -207,8 +276,16 @@ async def require_json(request: Request[Any, Any, Any]) -> None:
 
 ERRORS = {
     400: ResponseSpec(Problem, description="The body is not a valid task.", media_type="application/problem+json"),
+    401: ResponseSpec(
+        Problem,
+        description="API_TOKEN is set and the bearer token is missing or wrong.",
+        media_type="application/problem+json",
+    ),
     413: ResponseSpec(Problem, description="The body is too large.", media_type="application/problem+json"),
     415: ResponseSpec(Problem, description="The body is not JSON.", media_type="application/problem+json"),
+    429: ResponseSpec(
+        Problem, description="Too many tasks from this client; see Retry-After.", media_type="application/problem+json"
+    ),
     503: ResponseSpec(
         Problem, description="The broker did not take the task; retry.", media_type="application/problem+json"
     ),
@@ -218,6 +295,7 @@ ERRORS = {
 @post(
     "/tasks",
     status_code=202,
+    guards=[require_token],
     dto=StrictJSON,
     return_dto=None,
     before_request=require_json,
@@ -262,6 +340,8 @@ def problem_details(error: HTTPException) -> ProblemDetailsException:
 
 
 def create_app(publisher: Publisher) -> Litestar:
+    settings = publisher.settings
+
     @asynccontextmanager
     async def broker_connection(_: Litestar) -> AsyncIterator[None]:
         keeper = asyncio.create_task(publisher.run())
@@ -270,6 +350,17 @@ def create_app(publisher: Publisher) -> Litestar:
         finally:
             keeper.cancel()
             await publisher.close()
+
+    middleware = []
+    if settings.rate_limit_per_minute:
+        limit = RateLimitConfig(
+            rate_limit=("minute", settings.rate_limit_per_minute),
+            identifier_for_request=client_address,
+            check_throttle_handler=is_task_creation,
+            middleware_class=RateLimit,
+        )
+        middleware.append(limit.middleware)
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
 
     return Litestar(
         route_handlers=[
@@ -281,6 +372,12 @@ def create_app(publisher: Publisher) -> Litestar:
         ],
         dependencies={"publisher": Provide(lambda: publisher, use_cache=True, sync_to_thread=False)},
         lifespan=[broker_connection],
+        state=State({"settings": settings}),
+        middleware=middleware,
+        cors_config=CORSConfig(allow_origins=origins, allow_headers=["Authorization", "Content-Type"])
+        if origins
+        else None,
+        before_send=[add_security_headers],
         plugins=[
             ProblemDetailsPlugin(ProblemDetailsConfig(exception_to_problem_detail_map={HTTPException: problem_details}))
         ],

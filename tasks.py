@@ -51,6 +51,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stop_grace: Annotated[int, Meta(ge=1, le=20)]
     # A pattern, not a Literal, so that an error lists the choices.
     log_level: Annotated[str, Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")]
+    api_token: Annotated[str, Meta(pattern=r"^(|[\x21-\x7e]{16,})$", description="empty, or 16+ visible characters")]
+    rate_limit_per_minute: Annotated[int, Meta(ge=0, le=1_000_000)]
+    client_ip_header: Annotated[str, Meta(pattern=r"^[A-Za-z0-9-]*$")]
+    cors_origins: str
 
     def __post_init__(self) -> None:
         if self.queue_prefetch < self.worker_threads:

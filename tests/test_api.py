@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
+import msgspec
 import pytest
 from litestar.testing import TestClient
 
@@ -18,8 +20,8 @@ import tasks
 class RecordingPublisher(main.Publisher):
     """Takes every message as confirmed, or fails as told; no broker."""
 
-    def __init__(self) -> None:
-        super().__init__(tasks.settings)
+    def __init__(self, settings: tasks.Settings = tasks.settings) -> None:
+        super().__init__(settings)
         self.messages: list[dramatiq.Message[Any]] = []
         self.failure: main.BrokerUnavailable | None = None
         self.connected = True
@@ -194,7 +196,7 @@ def test_the_openapi_schema_documents_the_task_body(client: TestClient[Any]) -> 
     schema = client.get("/docs/openapi.json").json()
 
     operation = schema["paths"]["/tasks"]["post"]
-    assert set(operation["responses"]) == {"202", "400", "413", "415", "503"}
+    assert set(operation["responses"]) == {"202", "400", "401", "413", "415", "429", "503"}
     body_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     body = schema["components"]["schemas"][body_ref.rsplit("/", 1)[1]]
     assert body["properties"]["seconds"] == {"type": "integer", "minimum": 1, "maximum": 300, "examples": [5]}
@@ -214,3 +216,121 @@ def test_problem_bodies_are_json_objects(client: TestClient[Any]) -> None:
     response = post_json(client, b"{")
 
     assert isinstance(json.loads(response.content), dict)
+
+
+def hardened_client(**changes: Any) -> TestClient[Any]:
+    settings = msgspec.structs.replace(tasks.settings, **changes)
+    return TestClient(main.create_app(RecordingPublisher(settings)))
+
+
+TOKEN = "a-long-enough-test-token"
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token-of-some-length", f"Basic {TOKEN}", TOKEN])
+def test_with_an_api_token_a_task_without_it_is_a_401(authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    with hardened_client(api_token=TOKEN) as client:
+        response = client.post("/tasks", json={"seconds": 1}, headers=headers)
+
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Bearer realm="onebox"'
+    assert response.json()["detail"] == "a valid bearer token is required"
+
+
+def test_with_an_api_token_a_task_with_it_is_accepted() -> None:
+    with hardened_client(api_token=TOKEN) as client:
+        response = client.post("/tasks", json={"seconds": 1}, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    assert response.status_code == 202
+
+
+def test_with_an_api_token_health_needs_none() -> None:
+    with hardened_client(api_token=TOKEN) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_the_api_token_is_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with hardened_client(api_token=TOKEN) as client:
+        client.post("/tasks", json={"seconds": 1}, headers={"Authorization": f"Bearer {TOKEN}"})
+        client.post("/tasks", json={"seconds": 1}, headers={"Authorization": f"Bearer {TOKEN}x"})
+
+    assert TOKEN not in caplog.text
+
+
+def test_a_client_over_the_rate_limit_gets_a_429_with_retry_after() -> None:
+    with hardened_client(rate_limit_per_minute=3) as client:
+        answers = [client.post("/tasks", json={"seconds": 1}) for _ in range(4)]
+
+    assert [answer.status_code for answer in answers] == [202, 202, 202, 429]
+    assert 0 < int(answers[3].headers["retry-after"]) <= 60
+    assert answers[3].headers["content-type"] == "application/problem+json"
+
+
+def test_the_rate_limit_counts_only_task_creation() -> None:
+    with hardened_client(rate_limit_per_minute=1) as client:
+        client.post("/tasks", json={"seconds": 1})
+
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_behind_a_proxy_each_client_address_has_its_own_limit() -> None:
+    with hardened_client(rate_limit_per_minute=1, client_ip_header="Fly-Client-IP") as client:
+        first = client.post("/tasks", json={"seconds": 1}, headers={"Fly-Client-IP": "203.0.113.1"})
+        second = client.post("/tasks", json={"seconds": 1}, headers={"Fly-Client-IP": "203.0.113.2"})
+        again = client.post("/tasks", json={"seconds": 1}, headers={"Fly-Client-IP": "203.0.113.1"})
+
+    assert (first.status_code, second.status_code, again.status_code) == (202, 202, 429)
+
+
+def test_forged_forwarded_for_entries_do_not_escape_the_limit() -> None:
+    with hardened_client(rate_limit_per_minute=1, client_ip_header="X-Forwarded-For") as client:
+        first = client.post("/tasks", json={"seconds": 1}, headers={"X-Forwarded-For": "1.1.1.1, 198.51.100.7"})
+        forged = client.post("/tasks", json={"seconds": 1}, headers={"X-Forwarded-For": "2.2.2.2, 198.51.100.7"})
+
+    assert (first.status_code, forged.status_code) == (202, 429)
+
+
+def test_proxy_headers_are_ignored_unless_configured() -> None:
+    with hardened_client(rate_limit_per_minute=1) as client:
+        first = client.post("/tasks", json={"seconds": 1}, headers={"Fly-Client-IP": "203.0.113.1"})
+        second = client.post("/tasks", json={"seconds": 1}, headers={"Fly-Client-IP": "203.0.113.2"})
+
+    assert (first.status_code, second.status_code) == (202, 429)
+
+
+def test_the_rate_limit_is_on_by_default() -> None:
+    assert tasks.load_settings(tasks.SETTINGS_FILE, environ={}).rate_limit_per_minute == 60
+
+
+def test_cors_is_off_unless_configured(client: TestClient[Any]) -> None:
+    response = client.options(
+        "/tasks", headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    )
+
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_a_configured_origin_may_call_the_api() -> None:
+    with hardened_client(cors_origins="https://app.example, https://other.example") as client:
+        response = client.options(
+            "/tasks", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        )
+
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize(
+    "method,path,body", [("POST", "/tasks", b'{"seconds": 1}'), ("GET", "/nope", b""), ("POST", "/tasks", b"{")]
+)
+def test_every_response_carries_the_security_headers(
+    client: TestClient[Any], method: str, path: str, body: bytes
+) -> None:
+    response = client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
