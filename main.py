@@ -37,7 +37,7 @@ from litestar.exceptions import (
 )
 from litestar.handlers.base import BaseRouteHandler
 from litestar.logging import LoggingConfig
-from litestar.middleware.rate_limit import CacheObject, RateLimitConfig, RateLimitMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import JSONBody
@@ -219,15 +219,6 @@ def client_address(request: Request[Any, Any, Any]) -> str:
     return request.client.host if request.client else "unknown"
 
 
-class RateLimit(RateLimitMiddleware):
-    """Litestar's limiter, also telling a 429's client when to come back."""
-
-    def create_response_headers(self, cache_object: CacheObject) -> dict[str, str]:
-        headers = super().create_response_headers(cache_object)
-        headers["Retry-After"] = headers[self.config.rate_limit_reset_header_key]
-        return headers
-
-
 def is_task_creation(request: Request[Any, Any, Any]) -> bool:
     return request.method == "POST" and request.url.path == "/tasks"
 
@@ -330,11 +321,15 @@ async def readyz(publisher: NamedDependency[Publisher]) -> Status:
 def problem_details(error: HTTPException) -> ProblemDetailsException:
     """One error shape: RFC 9457, with the exception's detail as `detail`."""
     errors = error.extra if isinstance(error.extra, list) else None
+    headers = dict(error.headers or {})
+    if error.status_code == 429:
+        # Litestar's limiter says when its window resets; clients read Retry-After.
+        headers["Retry-After"] = headers.get("RateLimit-Reset", "60")
     return ProblemDetailsException(
         status_code=error.status_code,
         title=HTTPStatus(error.status_code).phrase,
         detail=error.detail,
-        headers=error.headers,
+        headers=headers,
         extra={"errors": errors} if errors else None,
     )
 
@@ -357,7 +352,6 @@ def create_app(publisher: Publisher) -> Litestar:
             rate_limit=("minute", settings.rate_limit_per_minute),
             identifier_for_request=client_address,
             check_throttle_handler=is_task_creation,
-            middleware_class=RateLimit,
         )
         middleware.append(limit.middleware)
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
