@@ -8,8 +8,11 @@ serves it on granian; the countdown itself runs in tasks.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -19,10 +22,10 @@ from typing import Annotated, Any, Literal
 import aiormq
 import dramatiq
 import msgspec
-from aiormq.abc import AbstractChannel, AbstractConnection, FieldTable
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage, FieldTable
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
-from litestar import Litestar, Request, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -32,6 +35,7 @@ from litestar.exceptions import (
     ClientException,
     HTTPException,
     NotAuthorizedException,
+    NotFoundException,
     ServiceUnavailableException,
     ValidationException,
 )
@@ -40,8 +44,9 @@ from litestar.logging import LoggingConfig
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody, Parameter
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Scope
 from swagger_ui_bundle import swagger_ui_path
@@ -50,6 +55,7 @@ import tasks
 from tasks import Settings, settings
 
 logger = logging.getLogger("onebox")
+KEEPALIVE_SECONDS = 15
 # The worker's format (Dramatiq's), so that both programs read alike.
 LOG_FORMAT = "[%(asctime)s] [PID %(process)d] [%(name)s] [%(levelname)s] %(message)s"
 
@@ -72,6 +78,33 @@ class TaskAccepted(msgspec.Struct):
     queued_at: datetime
 
 
+TaskStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+class TaskView(msgspec.Struct, gc=False):
+    """A task as this web process last heard of it (GET /tasks/{id})."""
+
+    id: str
+    status: TaskStatus
+    seconds: int
+    remaining: int
+    attempts: int
+    updated_at: datetime
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class TaskPage(msgspec.Struct):
+    """Recent tasks, newest first."""
+
+    items: list[TaskView]
+    total: int
+    limit: int
+    offset: int
+
+
 class Status(msgspec.Struct):
     status: Literal["ok", "ready"]
 
@@ -83,6 +116,82 @@ class Problem(msgspec.Struct, omit_defaults=True):
     title: str
     detail: str
     errors: list[dict[str, Any]] | None = None
+
+
+# -- Task status ----------------------------------------------------------------
+
+
+def timestamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+class TaskBoard:
+    """The recent tasks, as this web process hears of them from the broker.
+
+    Every web process consumes every task event (tasks.py publishes them) and
+    keeps the newest ``task_memory_count`` tasks for ``task_memory_seconds``.
+    After a restart it knows only what it has heard since.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tasks: OrderedDict[str, TaskView] = OrderedDict()
+        self.changed: dict[str, asyncio.Event] = {}
+        self.since = datetime.now(UTC)
+
+    def apply(self, event: tasks.TaskEvent) -> None:
+        view = self.tasks.get(event.id)
+        at = timestamp(event.at)
+        if view is None:
+            view = TaskView(event.id, "queued", event.seconds, event.remaining, event.attempt, at)
+            self.remember(view)
+        if event.event == "queued":
+            # The worker's news can overtake the web process's own.
+            view.queued_at = view.queued_at or at
+            self.notify(event.id)
+            return
+        if view.status in FINISHED and event.attempt <= view.attempts:
+            return  # news from after the end of this attempt
+        view.attempts, view.remaining, view.updated_at = event.attempt, event.remaining, at
+        match event.event:
+            case "started":
+                view.status = "cancelling" if view.status == "cancelling" else "running"
+                view.started_at = at
+            case "progress":
+                view.status = "cancelling" if view.status == "cancelling" else "running"
+                view.started_at = view.started_at or at
+            case "succeeded" | "failed" | "cancelled":
+                view.status = event.event
+                view.finished_at = at
+        self.notify(event.id)
+
+    def remember(self, view: TaskView) -> None:
+        self.tasks[view.id] = view
+        oldest_kept = datetime.now(UTC).timestamp() - self.settings.task_memory_seconds
+        while self.tasks and (
+            len(self.tasks) > self.settings.task_memory_count
+            or next(iter(self.tasks.values())).updated_at.timestamp() < oldest_kept
+        ):
+            self.tasks.popitem(last=False)
+
+    def notify(self, task_id: str) -> None:
+        if changed := self.changed.pop(task_id, None):
+            changed.set()
+
+    async def wait_for_change(self, task_id: str, timeout: float) -> bool:
+        changed = self.changed.setdefault(task_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def unknown(self, task_id: str) -> NotFoundException:
+        return NotFoundException(
+            detail=f"no task {task_id} is known here: this process remembers tasks for "
+            f"{self.settings.task_memory_seconds} s and has listened since {self.since.isoformat()}; "
+            "an older task may still be queued, running or done"
+        )
 
 
 # -- Publishing ---------------------------------------------------------------
@@ -106,8 +215,10 @@ class Publisher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.board = TaskBoard(settings)
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
+        self.events: AbstractChannel | None = None
         self.problem = "not connected to the broker yet"
 
     @property
@@ -139,7 +250,35 @@ class Publisher:
             self.connection = await aiormq.connect(f"{url}{separator}heartbeat={self.settings.heartbeat}")
             channel = await self.connection.channel(publisher_confirms=True)
             await self.declare_queues(channel)
+            self.events = await self.connection.channel()
+            await self.listen_to_events(self.events)
         self.channel = channel
+
+    async def listen_to_events(self, channel: AbstractChannel) -> None:
+        """Hear every task event on a queue of this process's own."""
+        exchange = tasks.events_exchange(self.settings)
+        await channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+        # Bounded: a process that falls behind drops the oldest news, not the broker.
+        declared = await channel.queue_declare("", exclusive=True, auto_delete=True, arguments={"x-max-length": 10000})
+        assert declared.queue is not None
+        await channel.queue_bind(declared.queue, exchange)
+        await channel.basic_consume(declared.queue, self.on_event, no_ack=True)
+
+    async def on_event(self, message: DeliveredMessage) -> None:
+        try:
+            event = msgspec.json.decode(message.body, type=tasks.TaskEvent)
+        except msgspec.ValidationError:
+            logger.warning("ignored a malformed task event")
+            return
+        self.board.apply(event)
+
+    async def announce(self, event: tasks.TaskEvent) -> None:
+        """Tell every web process, without waiting for the broker: events are best effort."""
+        self.board.apply(event)
+        channel = self.events
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
+                await channel.basic_publish(msgspec.json.encode(event), exchange=tasks.events_exchange(self.settings))
 
     async def declare_queues(self, channel: AbstractChannel) -> None:
         """Declare the queue and its delay and dead-letter queues exactly as
@@ -150,22 +289,32 @@ class Publisher:
         await channel.queue_declare(queue, durable=True, arguments=dead_letters)
         await channel.queue_declare(dq_name(queue), durable=True, arguments=dead_letters)
         await channel.queue_declare(xq_name(queue), durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL})
+        await channel.queue_declare(
+            tasks.cancellations_stream(self.settings), durable=True, arguments=tasks.CANCELLATIONS_ARGUMENTS
+        )
 
     async def close(self) -> None:
-        connection, self.connection, self.channel = self.connection, None, None
+        connection, self.connection, self.channel, self.events = self.connection, None, None, None
         if connection is not None and not connection.is_closed:
             await connection.close()
 
     async def publish(self, message: dramatiq.Message[Any]) -> None:
-        """Return once RabbitMQ has confirmed the message, or raise BrokerUnavailable."""
+        """Return once RabbitMQ has confirmed the task, or raise BrokerUnavailable."""
+        await self.deliver(message.encode(), message.queue_name, message.message_id)
+
+    async def cancel(self, task_id: str) -> None:
+        """Record a cancellation in the durable stream every worker reads."""
+        await self.deliver(task_id.encode(), tasks.cancellations_stream(self.settings), f"cancel:{task_id}")
+
+    async def deliver(self, body: bytes, queue: str, message_id: str) -> None:
         channel = self.channel
         if channel is None or channel.is_closed:
             raise BrokerUnavailable(self.problem or "the broker connection is closed")
         try:
             await channel.basic_publish(
-                message.encode(),
-                routing_key=message.queue_name,
-                properties=aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message.message_id),
+                body,
+                routing_key=queue,
+                properties=aiormq.spec.Basic.Properties(delivery_mode=2, message_id=message_id),
                 # Without mandatory, RabbitMQ confirms a message that no queue took.
                 mandatory=True,
                 timeout=self.settings.publish_timeout,
@@ -173,17 +322,17 @@ class Publisher:
         except TimeoutError:
             raise BrokerUnavailable(
                 f"the broker did not confirm within {self.settings.publish_timeout:g} s; "
-                "the task may or may not have been queued"
+                "it may or may not have taken the request"
             ) from None
         except aiormq.exceptions.PublishError:
             # Somebody deleted the queue: declare it again for the next request.
             await self.declare_queues(channel)
-            raise BrokerUnavailable(f"queue {message.queue_name!r} was missing; the task was not queued") from None
+            raise BrokerUnavailable(f"queue {queue!r} was missing; nothing was queued") from None
         except aiormq.exceptions.DeliveryError:
-            raise BrokerUnavailable("the broker refused the task; it was not queued") from None
+            raise BrokerUnavailable("the broker refused the message; nothing was queued") from None
         except (aiormq.exceptions.AMQPError, ConnectionError) as error:
             raise BrokerUnavailable(
-                f"the broker connection failed: {self.describe(error)}; the task may or may not have been queued"
+                f"the broker connection failed: {self.describe(error)}; it may or may not have taken the request"
             ) from None
 
     def describe(self, error: BaseException) -> str:
@@ -293,12 +442,95 @@ ERRORS = {
     responses=ERRORS,
     summary="Start a countdown",
 )
-async def create_task(data: JSONBody[TaskRequest], publisher: NamedDependency[Publisher]) -> TaskAccepted:
+async def create_task(data: JSONBody[TaskRequest], publisher: NamedDependency[Publisher]) -> Response[TaskAccepted]:
     """Queue a countdown of `seconds`. 202 means RabbitMQ has confirmed it, durably."""
     message = tasks.countdown.message(data.seconds)
     await publisher.publish(message)
-    queued_at = datetime.fromtimestamp(message.message_timestamp / 1000, UTC)
-    return TaskAccepted(id=message.message_id, seconds=data.seconds, status="queued", queued_at=queued_at)
+    queued_at = message.message_timestamp / 1000
+    await publisher.announce(tasks.TaskEvent(message.message_id, "queued", queued_at, data.seconds, data.seconds))
+    accepted = TaskAccepted(message.message_id, data.seconds, "queued", timestamp(queued_at))
+    return Response(accepted, status_code=202, headers={"Location": f"/tasks/{message.message_id}"})
+
+
+@get("/tasks", summary="Recent tasks")
+async def list_tasks(
+    publisher: NamedDependency[Publisher],
+    limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    offset: Annotated[int, Parameter(ge=0, le=1_000_000)] = 0,
+) -> TaskPage:
+    """The tasks this web process knows, newest first."""
+    known = publisher.board.tasks
+    newest_first = list(reversed(known.values()))
+    return TaskPage(newest_first[offset : offset + limit], len(known), limit, offset)
+
+
+TASK_NOT_FOUND = {
+    404: ResponseSpec(Problem, description="Unknown here, or expired.", media_type="application/problem+json")
+}
+
+
+@get("/tasks/{task_id:str}", responses=TASK_NOT_FOUND, summary="A task's status")
+async def get_task(task_id: FromPath[str], publisher: NamedDependency[Publisher]) -> TaskView:
+    """Status, seconds, remaining, timestamps and attempts."""
+    if view := publisher.board.tasks.get(task_id):
+        return view
+    raise publisher.board.unknown(task_id)
+
+
+@get("/tasks/{task_id:str}/events", responses=TASK_NOT_FOUND, summary="A task's changes, live")
+async def task_events(task_id: FromPath[str], publisher: NamedDependency[Publisher]) -> ServerSentEvent:
+    """Server-Sent Events: the task after each change (event = its status), until it ends."""
+    board = publisher.board
+    if task_id not in board.tasks:
+        raise board.unknown(task_id)
+
+    async def changes() -> AsyncIterator[ServerSentEventMessage]:
+        sent = b""
+        while view := board.tasks.get(task_id):
+            current = msgspec.json.encode(view)
+            if current != sent:
+                yield ServerSentEventMessage(data=current.decode(), event=view.status)
+                sent = current
+            if view.status in FINISHED:
+                return
+            if not await board.wait_for_change(task_id, KEEPALIVE_SECONDS):
+                # Proxies close a connection that stays silent too long.
+                yield ServerSentEventMessage(comment="keep-alive", data=None)
+
+    return ServerSentEvent(changes())
+
+
+@delete(
+    "/tasks/{task_id:str}",
+    status_code=202,
+    guards=[require_token],
+    responses={
+        **TASK_NOT_FOUND,
+        409: ResponseSpec(Problem, description="The task has finished.", media_type="application/problem+json"),
+        503: ERRORS[503],
+    },
+    summary="Cancel a task",
+)
+async def cancel_task(task_id: FromPath[str], publisher: NamedDependency[Publisher]) -> TaskView:
+    """A queued task never starts; a running one stops at its next tick. Repeating is harmless."""
+    board = publisher.board
+    view = board.tasks.get(task_id)
+    if view is None:
+        raise board.unknown(task_id)
+    if view.status in ("succeeded", "failed"):
+        raise ClientException(status_code=409, detail=f"task {task_id} has {view.status}; it cannot be cancelled")
+    if view.status == "cancelled":
+        return view
+    await publisher.cancel(task_id)
+    if view.status == "queued":
+        # It will never start: every worker checks the stream before it runs a task.
+        await publisher.announce(
+            tasks.TaskEvent(task_id, "cancelled", time.time(), view.seconds, view.remaining, view.attempts)
+        )
+    else:
+        view.status = "cancelling"
+        board.notify(task_id)
+    return view
 
 
 @get("/healthz", summary="Liveness")
@@ -359,6 +591,10 @@ def create_app(publisher: Publisher) -> Litestar:
     return Litestar(
         route_handlers=[
             create_task,
+            list_tasks,
+            get_task,
+            task_events,
+            cancel_task,
             healthz,
             readyz,
             # The API docs load their scripts from here, not from a CDN.

@@ -10,17 +10,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+import uuid
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import dramatiq
 import msgspec
 import pika
+import pika.exceptions
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 from msgspec import Meta
 
 SETTINGS_FILE = Path(__file__).with_name("settings.toml")
@@ -47,6 +51,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     queue_prefetch: Annotated[int, Meta(ge=1, le=1000)]
     max_retries: Annotated[int, Meta(ge=0, le=10)]
     max_seconds: Annotated[int, Meta(ge=1, le=LONGEST_COUNTDOWN)]
+    task_memory_count: Annotated[int, Meta(ge=1, le=1_000_000)]
+    task_memory_seconds: Annotated[int, Meta(ge=1, le=7 * 86400)]
+    progress_every: Annotated[int, Meta(ge=0, le=LONGEST_COUNTDOWN)]
     # Stopping takes up to stop_grace + 5 s; supervisord kills at 30 s.
     stop_grace: Annotated[int, Meta(ge=1, le=20)]
     # A pattern, not a Literal, so that an error lists the choices.
@@ -123,6 +130,155 @@ broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
 
+# -- Task events and cancellations ------------------------------------------------
+#
+# RabbitMQ is the only state shared between containers. Workers and web
+# processes publish task events to a fanout exchange; every web process keeps
+# what it hears in memory (main.py). A cancellation is a message in a durable
+# stream that every worker reads from its start: a task cancelled while no
+# worker ran is still refused by the next one.
+
+
+class TaskEvent(msgspec.Struct, gc=False):
+    """A change in a task's life, as the web processes receive it."""
+
+    id: str
+    event: Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
+    at: float  # seconds since the epoch
+    seconds: int
+    remaining: int
+    attempt: int = 1
+
+
+def events_exchange(settings: Settings) -> str:
+    return f"{settings.queue_name}.events"
+
+
+def cancellations_stream(settings: Settings) -> str:
+    return f"{settings.queue_name}.cancellations"
+
+
+# Cancellations are kept a week: a task queued longer than that can no longer
+# be cancelled.
+CANCELLATIONS_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "stream",
+    "x-max-age": "7D",
+    "x-max-length-bytes": 100_000_000,
+}
+CANCELLATION_RETENTION = 7 * 86400
+
+
+class TaskControl(Middleware):
+    """The worker's one connection for task events out and cancellations in.
+
+    Worker threads must not open connections of their own (Dramatiq's broker
+    gives each thread one), so one thread owns this connection: it reads the
+    cancellation stream from its start, then follows it, and publishes the
+    events that worker threads hand it. Events are best effort; a lost
+    progress event is corrected by the next.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cancelled: dict[str, float] = {}
+        self.caught_up = threading.Event()
+        self.stopping = threading.Event()
+        self.connection: pika.BlockingConnection | None = None
+        self.channel: Any = None
+        self.marker = ""
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        threading.Thread(target=self.run, name="task-control", daemon=True).start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.stopping.set()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        # Until the stream has been read, a cancelled task would look runnable.
+        if not self.caught_up.wait(timeout=30):
+            logger.warning("cancellations not read yet; running task %s unchecked", message.message_id)
+        if self.is_cancelled(message.message_id):
+            logger.info("task %s cancelled before it started", message.message_id)
+            seconds = message.args[0] if message.args else 0
+            self.emit(TaskEvent(message.message_id, "cancelled", time.time(), seconds, seconds, attempt(message)))
+            raise SkipMessage
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is not None:
+            seconds = message.args[0] if message.args else 0
+            self.emit(TaskEvent(message.message_id, "failed", time.time(), seconds, seconds, attempt(message)))
+
+    def is_cancelled(self, task_id: str) -> bool:
+        return task_id in self.cancelled
+
+    def emit(self, event: TaskEvent) -> None:
+        connection = self.connection
+        if connection is None or not connection.is_open:
+            return
+        body = msgspec.json.encode(event)
+        try:
+            # pika connections belong to one thread; this is its way in.
+            connection.add_callback_threadsafe(
+                lambda: self.channel.basic_publish(events_exchange(self.settings), "", body)
+            )
+        except pika.exceptions.AMQPError:
+            logger.debug("task event for %s dropped: no connection", event.id)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.follow()
+            except pika.exceptions.AMQPError as error:
+                logger.warning("task control connection failed: %s", redact(repr(error), self.settings.cloudamqp_url))
+                time.sleep(1)
+
+    def follow(self) -> None:
+        connection = pika.BlockingConnection(connection_parameters(self.settings))
+        try:
+            channel = connection.channel()
+            channel.exchange_declare(events_exchange(self.settings), "fanout", durable=True)
+            stream = cancellations_stream(self.settings)
+            channel.queue_declare(stream, durable=True, arguments=CANCELLATIONS_ARGUMENTS)
+            # Reading up to a marker of our own tells when the past is read.
+            self.marker = f"sync:{uuid.uuid4()}"
+            channel.basic_publish("", stream, self.marker.encode(), pika.BasicProperties(delivery_mode=2))
+            channel.basic_qos(prefetch_count=1000)
+            channel.basic_consume(stream, self.on_cancellation, arguments={"x-stream-offset": "first"})
+            self.connection, self.channel = connection, channel
+            while not self.stopping.is_set():
+                connection.process_data_events(time_limit=0.5)
+        finally:
+            self.connection = None
+            if connection.is_open:
+                connection.close()
+
+    def on_cancellation(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        task_id = body.decode(errors="replace")
+        if task_id == self.marker:
+            self.caught_up.set()
+        elif not task_id.startswith("sync:"):
+            now = time.time()
+            self.cancelled[task_id] = now
+            if len(self.cancelled) % 1000 == 0:
+                self.cancelled = {key: at for key, at in self.cancelled.items() if at > now - CANCELLATION_RETENTION}
+        channel.basic_ack(method.delivery_tag)
+
+
+def attempt(message: dramatiq.Message[Any] | MessageProxy) -> int:
+    return int(message.options.get("retries", 0)) + 1
+
+
+control = TaskControl(settings)
+broker.add_middleware(control)
+
+
 @dramatiq.actor(
     queue_name=settings.queue_name,
     max_retries=settings.max_retries,
@@ -134,19 +290,27 @@ dramatiq.set_broker(broker)
     time_limit=(settings.max_seconds + 60) * 1000,
 )
 def countdown(seconds: int) -> None:
-    """Count down from ``seconds``, logging once a second."""
+    """Count down from ``seconds``, logging once a second; stop when cancelled."""
     message = CurrentMessage.get_current_message()
     assert message is not None
-    task_id = message.message_id
-    attempt = message.options.get("retries", 0) + 1
+    task_id, tries = message.message_id, attempt(message)
     redelivered = "yes" if getattr(message, "redelivered", False) else "no"
-    logger.info("task %s started seconds=%d attempt=%d redelivered=%s", task_id, seconds, attempt, redelivered)
+    logger.info("task %s started seconds=%d attempt=%d redelivered=%s", task_id, seconds, tries, redelivered)
+    control.emit(TaskEvent(task_id, "started", time.time(), seconds, seconds, tries))
     started = time.monotonic()
     for remaining in range(seconds - 1, -1, -1):
         # Sleep to the next whole second since the start, so ticks do not drift.
         time.sleep(max(0.0, started + (seconds - remaining) - time.monotonic()))
+        if control.is_cancelled(task_id):
+            logger.info("task %s cancelled remaining=%d", task_id, remaining + 1)
+            control.emit(TaskEvent(task_id, "cancelled", time.time(), seconds, remaining + 1, tries))
+            return
         logger.info("task %s remaining=%d", task_id, remaining)
+        every = settings.progress_every
+        if every and remaining and remaining % every == 0:
+            control.emit(TaskEvent(task_id, "progress", time.time(), seconds, remaining, tries))
     logger.info("task %s done seconds=%d", task_id, seconds)
+    control.emit(TaskEvent(task_id, "succeeded", time.time(), seconds, 0, tries))
 
 
 def run_web() -> NoReturn:

@@ -186,7 +186,7 @@ def test_an_unknown_path_is_a_404_problem(client: TestClient[Any]) -> None:
 
 
 def test_a_wrong_method_is_a_405_problem(client: TestClient[Any]) -> None:
-    response = client.get("/tasks")
+    response = client.put("/tasks")
 
     assert response.status_code == 405
     assert response.headers["content-type"] == "application/problem+json"
