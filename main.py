@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from http import HTTPStatus
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import aiormq
@@ -25,7 +26,7 @@ import msgspec
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage, FieldTable
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
-from litestar import Litestar, Request, Response, delete, get, post
+from litestar import Litestar, MediaType, Request, Response, delete, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -533,6 +534,15 @@ async def cancel_task(task_id: FromPath[str], publisher: NamedDependency[Publish
     return view
 
 
+PAGE = Path(__file__).with_name("index.html").read_text()
+
+
+@get("/", media_type=MediaType.HTML, include_in_schema=False)
+async def page() -> str:
+    """A page to start countdowns, watch them and cancel them."""
+    return PAGE
+
+
 @get("/healthz", summary="Liveness")
 async def healthz() -> Status:
     """The process answers. No I/O: a broker outage must not get it restarted."""
@@ -595,6 +605,7 @@ def create_app(publisher: Publisher) -> Litestar:
             get_task,
             task_events,
             cancel_task,
+            page,
             healthz,
             readyz,
             # The API docs load their scripts from here, not from a CDN.
