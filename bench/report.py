@@ -1,0 +1,154 @@
+"""The issue's targets, judged on one run's medians, and the README's table.
+
+Every target is a ratio within the run or a fixed budget (connections,
+MiB): these machines vary 2x from one day to the next, the ratios do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STACKS = {"onebox": "onebox", "comparison": "comparison", "raw": "raw publish ceiling", "bare": "bare web ceiling"}
+
+
+def _target(name: str, measured: float, required: str, met: bool, unit: str = "") -> dict[str, Any]:
+    return {"target": name, "measured": round(measured, 3), "unit": unit, "required": required, "met": met}
+
+
+def targets(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    enqueue, delayed = figures["enqueue"], figures["enqueue_delayed"]
+    top = max(enqueue["onebox"], key=int)
+    one, comparison, raw = enqueue["onebox"][top], enqueue["comparison"][top], enqueue["raw"][top]
+    connections = figures["connections"]["onebox"]
+    memory = figures["memory"]["onebox"]
+    cold, cold_comparison = figures["cold_start"]["onebox"], figures["cold_start"]["comparison"]
+    pickup, pickup_comparison = figures["pickup"]["onebox"], figures["pickup"]["comparison"]
+    at_once = figures["concurrency"]["onebox"]
+    throughput = one["rps"] / comparison["rps"]
+    of_ceiling = one["rps"] / raw["rps"]
+    far = delayed["onebox"][top]["rps"] / delayed["comparison"][top]["rps"]
+    p99 = one["p99_ms"] / comparison["p99_ms"]
+    p99_ceiling = one["p99_ms"] / raw["p99_ms"]
+    launch_gap = cold["launch_to_first_202_s"] - cold_comparison["launch_to_first_202_s"]
+    return [
+        _target(f"throughput at {top} clients / comparison", throughput, ">= 3", throughput >= 3, "x"),
+        _target(f"throughput at {top} clients / raw publish ceiling", of_ceiling, ">= 0.6", of_ceiling >= 0.6, "x"),
+        _target(f"throughput at {top} clients, broker 10 ms away / comparison", far, ">= 2", far >= 2, "x"),
+        _target(f"p99 at {top} clients / comparison", p99, "<= 0.5", p99 <= 0.5, "x"),
+        _target(f"p99 at {top} clients / raw publish ceiling", p99_ceiling, "<= 1.2", p99_ceiling <= 1.2, "x"),
+        _target("AMQP connections, idle", connections["idle"]["total"], "<= 3", connections["idle"]["total"] <= 3),
+        _target("AMQP connections, peak", connections["peak"]["total"], "<= 3", connections["peak"]["total"] <= 3),
+        _target("PSS, idle", memory["idle"]["pss_mib"], "<= 100", memory["idle"]["pss_mib"] <= 100, "MiB"),
+        _target("PSS, peak", memory["peak"]["pss_mib"], "<= 130", memory["peak"]["pss_mib"] <= 130, "MiB"),
+        _target(
+            "cold start: supervisord spawns web -> first 202, minus comparison's launch -> first 202",
+            cold["spawn_to_first_202_s"] - cold_comparison["launch_to_first_202_s"],
+            "<= 0",
+            cold["spawn_to_first_202_s"] <= cold_comparison["launch_to_first_202_s"],
+            "s",
+        ),
+        _target("cold start: launch -> first 202, minus comparison's", launch_gap, "<= 1.1", launch_gap <= 1.1, "s"),
+        _target(
+            "pickup p99 / comparison",
+            pickup["p99_ms"] / pickup_comparison["p99_ms"],
+            "<= 1",
+            pickup["p99_ms"] <= pickup_comparison["p99_ms"],
+            "x",
+        ),
+        _target("countdowns running at once", at_once["running"], ">= 500", at_once["running"] >= 500),
+        _target("PSS with them running", at_once["pss_mib"], "< 256", at_once["pss_mib"] < 256, "MiB"),
+        _target(
+            "unacknowledged messages on the worker's connection",
+            at_once["unacknowledged"],
+            "<= 1000",
+            at_once["unacknowledged"] <= 1000,
+        ),
+    ]
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base else "-"
+
+
+def markdown(results: dict[str, Any], chart_name: str) -> str:
+    """The README's benchmark tables, filled from the results."""
+    figures, plan, box = results["figures"], results["plan"], results["machine"]
+    lines = [
+        f"Medians of {plan['runs']} run(s), `{results['command']}`, {results['started_at']}, "
+        f"{results['elapsed_s']:.0f} s. {box['cpu']}, {box['cores']} cores, {box['memory_gib']} GiB, "
+        f"Linux {box['kernel']}, Python {box['python']}, RabbitMQ {box['rabbitmq']}, {box['wrk']}.",
+        "",
+        f"![onebox against the comparison stack and the ceilings]({chart_name})",
+        "",
+    ]
+    for figure, title in (
+        ("enqueue", "Enqueue, broker on loopback, worker paused"),
+        ("enqueue_delayed", f"Enqueue, broker {plan['delay_ms']:g} ms away each way, worker paused"),
+    ):
+        rounds = figures[figure]
+        lines += [
+            f"**{title}** ({plan['round_seconds']:g} s per round; 2xx = 2xx responses, or confirms for raw)",
+            "",
+            "| stack | clients | req/s | p50 ms | p99 ms | vs comparison | vs raw | CPU µs/req | 2xx | in queue |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, levels in rounds.items():
+            for clients, one in levels.items():
+                comparison, raw = rounds["comparison"][clients]["rps"], rounds["raw"][clients]["rps"]
+                queued = f"{one['queued']:.0f}" if "queued" in one else "-"
+                lines.append(
+                    f"| {STACKS[name]} | {clients} | {one['rps']:,.0f} | {one['p50_ms']:.1f} | {one['p99_ms']:.1f} "
+                    f"| {_ratio(one['rps'], comparison)} | {_ratio(one['rps'], raw)} | {one['cpu_us_per_request']:.0f} "
+                    f"| {one['accepted']:.0f} | {queued} |"
+                )
+        lines.append("")
+    lines += [
+        "**The whole stack** (onebox: supervisord, granian, dramatiq; comparison: uvicorn, dramatiq)",
+        "",
+        "| figure | onebox | comparison |",
+        "|---|---:|---:|",
+    ]
+    rows = [
+        ("pickup p50, POST sent → actor starts (ms)", "pickup", "p50_ms", "{:.1f}"),
+        ("pickup p99 (ms)", "pickup", "p99_ms", "{:.1f}"),
+        ("cold start, launch → first 202 (s)", "cold_start", "launch_to_first_202_s", "{:.2f}"),
+    ]
+    for label, figure, key, form in rows:
+        one, other = figures[figure]["onebox"][key], figures[figure]["comparison"][key]
+        lines.append(f"| {label} | {form.format(one)} | {form.format(other)} |")
+    spawn = figures["cold_start"]["onebox"]["spawn_to_first_202_s"]
+    lines.append(f"| cold start, supervisord spawns web → first 202 (s) | {spawn:.2f} | - |")
+    for phase in ("idle", "peak"):
+        one, other = figures["connections"]["onebox"][phase], figures["connections"]["comparison"][phase]
+        lines.append(f"| AMQP connections, {phase} | {one['total']:.0f} | {other['total']:.0f} |")
+    for phase in ("idle", "peak"):
+        one, other = figures["memory"]["onebox"][phase], figures["memory"]["comparison"][phase]
+        lines.append(f"| PSS, {phase} (MiB) | {one['pss_mib']:.1f} | {other['pss_mib']:.1f} |")
+        lines.append(f"| RSS, {phase} (MiB) | {one['rss_mib']:.1f} | {other['rss_mib']:.1f} |")
+    one, other = figures["concurrency"]["onebox"], figures["concurrency"]["comparison"]
+    posted = f"{results['plan']['countdowns']} countdowns posted: running at once"
+    lines.append(f"| {posted} | {one['running']:.0f} | {other['running']:.0f} |")
+    lines.append(f"| PSS with them running (MiB) | {one['pss_mib']:.1f} | {other['pss_mib']:.1f} |")
+    settings = " ".join(f"{key}={value}" for key, value in one["settings"].items())
+    lines += ["", f"Countdowns at once: onebox with `{settings}`; the comparison with Dramatiq's defaults.", ""]
+    lines += ["**Each process's share** (PSS MiB idle / peak; AMQP connections idle / peak)", ""]
+    lines += [
+        "| stack | process | PSS idle | PSS peak | connections idle | connections peak |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in ("onebox", "comparison"):
+        memory, connections = figures["memory"][name], figures["connections"][name]
+        for role, idle in memory["idle"]["processes"].items():
+            peak = memory["peak"]["processes"].get(role, {"pss_mib": 0.0})
+            lines.append(
+                f"| {name} | {role} | {idle['pss_mib']:.1f} | {peak['pss_mib']:.1f} "
+                f"| {connections['idle']['processes'][role]:.0f} "
+                f"| {connections['peak']['processes'].get(role, 0):.0f} |"
+            )
+    lines += ["", "**Targets**", "", "| target | measured | required | met |", "|---|---:|---:|---|"]
+    for target in results["targets"]:
+        lines.append(
+            f"| {target['target']} | {target['measured']:g} {target['unit']} | {target['required']} "
+            f"| {'yes' if target['met'] else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"

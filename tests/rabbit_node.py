@@ -1,0 +1,166 @@
+"""A private RabbitMQ node, for tests that stop, block or restart a broker.
+
+The machine's RabbitMQ (rabbit@localhost on 127.0.0.1:5672) serves other
+tests and engineers at the same time: a test that breaks a broker breaks its
+own. This node has its own name, ports, data, logs, plugins file and Erlang
+cookie, all in one temporary folder that the ``rabbitmq`` user owns (the
+server refuses to run as root, and Debian's wrapper switches users anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RabbitNode:
+    """One RabbitMQ node on 127.0.0.1, started and stopped by its owner."""
+
+    def __init__(self) -> None:
+        self.account = pwd.getpwnam("rabbitmq")
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.name = f"onebox-test-{self.port}@localhost"
+        self.home = Path(tempfile.mkdtemp(prefix="onebox-rabbit-"))
+        self.server: subprocess.Popen[bytes] | None = None
+        self.startup_seconds = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "rabbit.pid"
+
+    def environment(self) -> dict[str, str]:
+        home = self.home
+        return {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            "LANG": "C.UTF-8",
+            # The machine's env file names its own node; this one is empty.
+            "RABBITMQ_CONF_ENV_FILE": str(home / "rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(home / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(home / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(home / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(home / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(home / "log"),
+            "RABBITMQ_PID_FILE": str(self.pid_file),
+            # Erlang distribution on loopback only, as the machine's node.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def _prepare(self) -> None:
+        home = self.home
+        (home / "rabbitmq-env.conf").write_text("")
+        (home / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            # Tests set the memory watermark by hand; keep the disk alarm out
+            # of their way on a nearly full test machine.
+            "disk_free_limit.absolute = 1MB\n"
+        )
+        # No plugins: the management plugin would take the machine's port 15672.
+        (home / "enabled_plugins").write_text("[].\n")
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(20))
+        cookie.chmod(0o400)
+        for folder in ("mnesia", "log"):
+            (home / folder).mkdir()
+        for path in (home, *home.iterdir()):
+            os.chown(path, self.account.pw_uid, self.account.pw_gid)
+
+    def start(self, timeout: float = 90) -> float:
+        """Start the node and wait until it serves AMQP; the seconds it took."""
+        self._prepare()
+        started = time.monotonic()
+        with (self.home / "server.out").open("wb") as output:
+            self.server = subprocess.Popen(
+                [str(RABBITMQ_BIN / "rabbitmq-server")],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=self.account.pw_uid,
+                group=self.account.pw_gid,
+                extra_groups=[],
+                env=self.environment(),
+                cwd=self.home,
+            )
+        self.ctl("wait", str(self.pid_file), "--timeout", str(int(timeout)), timeout=timeout + 10)
+        self.startup_seconds = time.monotonic() - started
+        return self.startup_seconds
+
+    def ctl(self, *arguments: str, timeout: float = 60) -> str:
+        """``rabbitmqctl -n NODE arguments``; its output, or an AssertionError."""
+        result = subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.name, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            user=self.account.pw_uid,
+            group=self.account.pw_gid,
+            extra_groups=[],
+            env=self.environment(),
+            cwd=self.home,
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"rabbitmqctl {' '.join(arguments)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+    def stop_app(self) -> None:
+        """Stop RabbitMQ in the running Erlang VM: every connection closes."""
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.ctl("await_startup")
+
+    def set_memory_watermark(self, fraction: float) -> None:
+        """Below the node's own use, RabbitMQ blocks every publishing connection."""
+        self.ctl("set_vm_memory_high_watermark", format(fraction, "f"))
+
+    def stop(self) -> None:
+        """Stop the node and delete its folder, whatever state it is in."""
+        server = self.server
+        if server is not None and server.poll() is None:
+            with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+                self.ctl("stop", str(self.pid_file), timeout=60)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                # The server's whole session is this node: its shell, the
+                # Erlang VM and the VM's helpers.
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(10)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def log(self) -> str:
+        """The node's log, for a failure message."""
+        logs = sorted((self.home / "log").glob("*.log"))
+        return "\n".join(path.read_text(errors="replace")[-4000:] for path in logs)

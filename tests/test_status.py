@@ -1,0 +1,360 @@
+"""Task status, live progress and cancellation, with RabbitMQ the only shared state."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from conftest import Process, free_port, stack_env, start_stack, wait_http
+from litestar.testing import TestClient
+from test_api import RecordingPublisher
+
+import main
+import tasks
+
+# -- The board: what a web process makes of the events it hears ------------------
+
+
+def event(kind: str, remaining: int = 5, attempt: int = 1, at: float | None = None) -> tasks.TaskEvent:
+    return tasks.TaskEvent("t1", kind, time.time() if at is None else at, 5, remaining, attempt)  # type: ignore[arg-type]
+
+
+def board(**changes: Any) -> main.TaskBoard:
+    return main.TaskBoard(msgspec.structs.replace(tasks.settings, **changes))
+
+
+def test_a_task_moves_from_queued_to_running_to_succeeded() -> None:
+    tasks_board = board()
+    statuses = []
+    for kind, remaining in [("queued", 5), ("started", 5), ("progress", 3), ("succeeded", 0)]:
+        tasks_board.apply(event(kind, remaining))
+        statuses.append((tasks_board.tasks["t1"].status, tasks_board.tasks["t1"].remaining))
+
+    assert statuses == [("queued", 5), ("running", 5), ("running", 3), ("succeeded", 0)]
+
+
+def test_a_late_queued_event_does_not_turn_a_running_task_back() -> None:
+    tasks_board = board()
+    tasks_board.apply(event("started"))
+
+    tasks_board.apply(event("queued"))
+
+    assert tasks_board.tasks["t1"].status == "running"
+    assert tasks_board.tasks["t1"].queued_at is not None
+
+
+def test_news_after_the_end_of_an_attempt_is_ignored() -> None:
+    tasks_board = board()
+    tasks_board.apply(event("cancelled", 3))
+
+    tasks_board.apply(event("progress", 2))
+
+    assert tasks_board.tasks["t1"].status == "cancelled"
+
+
+def test_a_retry_after_a_failure_runs_again() -> None:
+    tasks_board = board()
+    tasks_board.apply(event("failed"))
+
+    tasks_board.apply(event("started", attempt=2))
+
+    assert (tasks_board.tasks["t1"].status, tasks_board.tasks["t1"].attempts) == ("running", 2)
+
+
+def test_a_task_first_heard_of_mid_run_is_running_with_no_queued_time() -> None:
+    tasks_board = board()
+
+    tasks_board.apply(event("progress", 2))
+
+    view = tasks_board.tasks["t1"]
+    assert (view.status, view.remaining, view.queued_at) == ("running", 2, None)
+
+
+def test_the_board_forgets_the_oldest_beyond_its_count() -> None:
+    tasks_board = board(task_memory_count=2)
+    for task_id in ("a", "b", "c"):
+        tasks_board.apply(tasks.TaskEvent(task_id, "queued", time.time(), 1, 1))
+
+    assert list(tasks_board.tasks) == ["b", "c"]
+
+
+def test_the_board_forgets_tasks_older_than_its_memory() -> None:
+    tasks_board = board(task_memory_seconds=60)
+    tasks_board.apply(tasks.TaskEvent("old", "queued", time.time() - 61, 1, 1))
+
+    tasks_board.apply(tasks.TaskEvent("new", "queued", time.time(), 1, 1))
+
+    assert list(tasks_board.tasks) == ["new"]
+
+
+# -- The API, in-process ---------------------------------------------------------------
+
+
+class CancellingPublisher(RecordingPublisher):
+    def __init__(self, settings: tasks.Settings = tasks.settings) -> None:
+        super().__init__(settings)
+        self.cancelled: list[str] = []
+
+    async def cancel(self, task_id: str) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.cancelled.append(task_id)
+
+
+@pytest.fixture
+def publisher() -> CancellingPublisher:
+    return CancellingPublisher()
+
+
+@pytest.fixture
+def client(publisher: CancellingPublisher) -> Iterator[TestClient[Any]]:
+    with TestClient(main.create_app(publisher)) as client:
+        yield client
+
+
+def post(client: TestClient[Any], seconds: int = 5) -> str:
+    response = client.post("/tasks", json={"seconds": seconds})
+    assert response.status_code == 202
+    return str(response.json()["id"])
+
+
+def test_an_accepted_task_points_to_its_status(client: TestClient[Any]) -> None:
+    response = client.post("/tasks", json={"seconds": 5})
+
+    task_id = response.json()["id"]
+    assert response.headers["location"] == f"/tasks/{task_id}"
+    status = client.get(response.headers["location"]).json()
+    assert status["status"] == "queued"
+    assert (status["seconds"], status["remaining"], status["attempts"]) == (5, 5, 1)
+    assert status["queued_at"] == response.json()["queued_at"]
+
+
+def test_an_unknown_task_is_a_404_that_says_what_this_process_knows(client: TestClient[Any]) -> None:
+    response = client.get("/tasks/no-such-task")
+
+    assert response.status_code == 404
+    detail = response.json()["detail"]
+    assert detail.startswith("no task no-such-task is known here: this process remembers tasks for 3600 s")
+    assert "may still be queued, running or done" in detail
+
+
+def test_recent_tasks_come_newest_first_in_pages(client: TestClient[Any]) -> None:
+    ids = [post(client) for _ in range(5)]
+
+    first = client.get("/tasks", params={"limit": 2}).json()
+    second = client.get("/tasks", params={"limit": 2, "offset": 2}).json()
+
+    assert [task["id"] for task in first["items"] + second["items"]] == ids[::-1][:4]
+    assert (first["total"], first["limit"], second["offset"]) == (5, 2, 2)
+
+
+@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "ten"}])
+def test_a_bad_page_is_a_400(client: TestClient[Any], query: dict[str, Any]) -> None:
+    assert client.get("/tasks", params=query).status_code == 400
+
+
+def test_cancelling_a_queued_task_records_it_and_marks_it_cancelled(
+    client: TestClient[Any], publisher: CancellingPublisher
+) -> None:
+    task_id = post(client)
+
+    response = client.delete(f"/tasks/{task_id}")
+
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    assert publisher.cancelled == [task_id]
+    assert client.get(f"/tasks/{task_id}").json()["status"] == "cancelled"
+
+
+def test_cancelling_a_running_task_waits_for_the_worker(
+    client: TestClient[Any], publisher: CancellingPublisher
+) -> None:
+    task_id = post(client)
+    publisher.board.apply(tasks.TaskEvent(task_id, "started", time.time(), 5, 5))
+
+    response = client.delete(f"/tasks/{task_id}")
+
+    assert response.json()["status"] == "cancelling"
+    publisher.board.apply(tasks.TaskEvent(task_id, "cancelled", time.time(), 5, 4))
+    assert client.get(f"/tasks/{task_id}").json()["status"] == "cancelled"
+
+
+def test_cancelling_twice_is_harmless(client: TestClient[Any], publisher: CancellingPublisher) -> None:
+    task_id = post(client)
+    client.delete(f"/tasks/{task_id}")
+
+    again = client.delete(f"/tasks/{task_id}")
+
+    assert again.status_code == 202
+    assert again.json()["status"] == "cancelled"
+    assert publisher.cancelled == [task_id]
+
+
+def test_cancelling_a_finished_task_is_a_409(client: TestClient[Any], publisher: CancellingPublisher) -> None:
+    task_id = post(client)
+    publisher.board.apply(tasks.TaskEvent(task_id, "succeeded", time.time(), 5, 0))
+
+    response = client.delete(f"/tasks/{task_id}")
+
+    assert response.status_code == 409
+    assert response.json()["detail"] == f"task {task_id} has succeeded; it cannot be cancelled"
+
+
+def test_cancelling_an_unknown_task_is_a_404(client: TestClient[Any]) -> None:
+    assert client.delete("/tasks/no-such-task").status_code == 404
+
+
+def test_a_cancellation_the_broker_did_not_take_is_a_503(
+    client: TestClient[Any], publisher: CancellingPublisher
+) -> None:
+    task_id = post(client)
+    publisher.failure = main.BrokerUnavailable("cannot reach the broker: TimeoutError")
+
+    response = client.delete(f"/tasks/{task_id}")
+
+    assert response.status_code == 503
+    assert client.get(f"/tasks/{task_id}").json()["status"] == "queued"
+
+
+def test_cancelling_needs_the_api_token_when_one_is_set() -> None:
+    publisher = CancellingPublisher(msgspec.structs.replace(tasks.settings, api_token="a-long-enough-test-token"))
+    with TestClient(main.create_app(publisher)) as client:
+        publisher.board.apply(tasks.TaskEvent("t1", "queued", time.time(), 5, 5))
+
+        response = client.delete("/tasks/t1")
+
+    assert response.status_code == 401
+    assert publisher.cancelled == []
+
+
+def test_the_event_stream_sends_each_change_and_ends_with_the_task(
+    client: TestClient[Any], publisher: CancellingPublisher
+) -> None:
+    task_id = post(client, seconds=2)
+    board = publisher.board
+
+    def worker() -> None:
+        for kind, remaining in [("started", 2), ("progress", 1), ("succeeded", 0)]:
+            time.sleep(0.2)
+            client.portal.call(board.apply, tasks.TaskEvent(task_id, kind, time.time(), 2, remaining))  # type: ignore[union-attr]
+
+    threading.Thread(target=worker).start()
+    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
+        body = "".join(stream.iter_text())
+
+    events = [line.removeprefix("event: ") for line in body.splitlines() if line.startswith("event: ")]
+    data = [json.loads(line.removeprefix("data: ")) for line in body.splitlines() if line.startswith("data: ")]
+    assert events == ["queued", "running", "running", "succeeded"]
+    assert [item["remaining"] for item in data] == [2, 2, 1, 0]
+
+
+# -- Real processes, real RabbitMQ ----------------------------------------------------
+
+
+def started(stacks: list[Process], queue_name: str, **settings: str | int) -> tuple[Process, str]:
+    port = free_port()
+    stack = start_stack(PORT=port, QUEUE_NAME=queue_name, **settings)
+    stacks.append(stack)
+    wait_http(f"http://127.0.0.1:{port}/readyz")
+    stack.wait_for(r"Worker process is ready for action")
+    return stack, f"http://127.0.0.1:{port}"
+
+
+def sse_events(url: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """Every data message of a Server-Sent Events stream, until it ends."""
+    with httpx.stream("GET", url, timeout=timeout) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_task_is_followed_live_from_queued_to_succeeded(stacks: list[Process], queue_name: str) -> None:
+    _, base = started(stacks, queue_name)
+    task_id = httpx.post(f"{base}/tasks", json={"seconds": 2}).json()["id"]
+
+    seen = sse_events(f"{base}/tasks/{task_id}/events")
+
+    assert seen[-1]["status"] == "succeeded"
+    assert [view["remaining"] for view in seen if view["status"] == "running"][-1] == 1
+    final = httpx.get(f"{base}/tasks/{task_id}").json()
+    assert final["started_at"] < final["finished_at"]
+
+
+def test_a_running_countdown_stops_at_its_next_tick(stacks: list[Process], queue_name: str) -> None:
+    stack, base = started(stacks, queue_name)
+    task_id = httpx.post(f"{base}/tasks", json={"seconds": 30}).json()["id"]
+    stack.wait_for(rf"task {task_id} remaining=29")
+
+    cancelled_at = time.monotonic()
+    assert httpx.delete(f"{base}/tasks/{task_id}").status_code == 202
+    stack.wait_for(rf"task {task_id} cancelled remaining=")
+
+    assert time.monotonic() - cancelled_at < 2.5
+    wait_for_status(base, task_id, "cancelled")
+    assert f"task {task_id} done" not in stack.output
+
+
+def test_a_task_cancelled_while_no_worker_runs_never_starts(stacks: list[Process], queue_name: str) -> None:
+    port = free_port()
+    web = Process(["python", "tasks.py", "web"], stack_env(PORT=port, QUEUE_NAME=queue_name))
+    stacks.append(web)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/readyz")
+    task_id = httpx.post(f"{base}/tasks", json={"seconds": 2}).json()["id"]
+    assert httpx.delete(f"{base}/tasks/{task_id}").json()["status"] == "cancelled"
+
+    worker = Process(["python", "tasks.py", "worker"], stack_env(QUEUE_NAME=queue_name))
+    stacks.append(worker)
+
+    worker.wait_for(rf"task {task_id} cancelled before it started")
+    assert f"task {task_id} started" not in worker.output
+
+
+def test_two_stacks_share_status_streams_and_cancellation(stacks: list[Process], queue_name: str) -> None:
+    _, first = started(stacks, queue_name)
+    _, second = started(stacks, queue_name)
+    watched = httpx.post(f"{first}/tasks", json={"seconds": 2}).json()["id"]
+    doomed = httpx.post(f"{first}/tasks", json={"seconds": 30}).json()["id"]
+
+    assert sse_events(f"{second}/tasks/{watched}/events")[-1]["status"] == "succeeded"
+    wait_for_status(second, doomed, "running")
+    assert httpx.delete(f"{second}/tasks/{doomed}").status_code == 202
+    wait_for_status(first, doomed, "cancelled")
+    wait_for_status(second, doomed, "cancelled")
+
+
+def test_an_open_event_stream_does_not_hold_the_stop(stacks: list[Process], queue_name: str) -> None:
+    stack, base = started(stacks, queue_name, STOP_GRACE=2)
+    task_id = httpx.post(f"{base}/tasks", json={"seconds": 60}).json()["id"]
+    stack.wait_for(rf"task {task_id} started")
+    streaming = threading.Thread(target=lambda: sse_events_until_closed(f"{base}/tasks/{task_id}/events"))
+    streaming.start()
+    time.sleep(0.5)
+
+    stopping = time.monotonic()
+    stack.send_signal(signal.SIGTERM)
+    code = stack.wait(timeout=40)
+
+    assert code == 0
+    assert time.monotonic() - stopping < 2 + 5
+    streaming.join(5)
+    assert not streaming.is_alive()
+
+
+def sse_events_until_closed(url: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the server going away is the point
+        sse_events(url, timeout=60)
+
+
+def wait_for_status(base: str, task_id: str, status: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (current := httpx.get(f"{base}/tasks/{task_id}").json().get("status")) != status:
+        assert time.monotonic() < deadline, f"{task_id} is {current}, not {status}, after {timeout} s"
+        time.sleep(0.1)
