@@ -8,7 +8,6 @@ serves it on granian; the countdown itself runs in tasks.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -18,7 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import aiormq
 import dramatiq
@@ -35,6 +34,7 @@ from litestar.dto import MsgspecDTO
 from litestar.exceptions import (
     ClientException,
     HTTPException,
+    InternalServerException,
     NotAuthorizedException,
     NotFoundException,
     ServiceUnavailableException,
@@ -57,6 +57,8 @@ from tasks import Settings, settings
 
 logger = logging.getLogger("onebox")
 KEEPALIVE_SECONDS = 15
+EVENT_BATCH_SECONDS = 0.05
+BODY_TIMEOUT_SECONDS = 10
 # The worker's format (Dramatiq's), so that both programs read alike.
 LOG_FORMAT = "[%(asctime)s] [PID %(process)d] [%(name)s] [%(levelname)s] %(message)s"
 
@@ -218,8 +220,10 @@ class Publisher:
         self.settings = settings
         self.board = TaskBoard(settings)
         self.connection: AbstractConnection | None = None
-        self.channel: AbstractChannel | None = None
-        self.events: AbstractChannel | None = None
+        self.channel: aiormq.Channel | None = None
+        self.events: aiormq.Channel | None = None
+        self.outbox: list[tasks.TaskEvent] = []
+        self.sending: asyncio.Future[Any] | None = None
         self.problem = "not connected to the broker yet"
 
     @property
@@ -249,9 +253,9 @@ class Publisher:
         separator = "&" if "?" in url else "?"
         async with asyncio.timeout(self.settings.publish_timeout):
             self.connection = await aiormq.connect(f"{url}{separator}heartbeat={self.settings.heartbeat}")
-            channel = await self.connection.channel(publisher_confirms=True)
+            channel = cast(aiormq.Channel, await self.connection.channel(publisher_confirms=True))
             await self.declare_queues(channel)
-            self.events = await self.connection.channel()
+            self.events = cast(aiormq.Channel, await self.connection.channel())
             await self.listen_to_events(self.events)
         self.channel = channel
 
@@ -267,19 +271,32 @@ class Publisher:
 
     async def on_event(self, message: DeliveredMessage) -> None:
         try:
-            event = msgspec.json.decode(message.body, type=tasks.TaskEvent)
+            events = msgspec.json.decode(message.body, type=list[tasks.TaskEvent])
         except msgspec.ValidationError:
             logger.warning("ignored a malformed task event")
             return
-        self.board.apply(event)
+        for event in events:
+            self.board.apply(event)
 
-    async def announce(self, event: tasks.TaskEvent) -> None:
-        """Tell every web process, without waiting for the broker: events are best effort."""
+    def announce(self, event: tasks.TaskEvent) -> None:
+        """Tell every web process soon, without waiting: events are best effort.
+
+        Events wait a moment in the outbox and go out together, so that a busy
+        process publishes (and hears back) one message per batch, not per task.
+        """
         self.board.apply(event)
+        self.outbox.append(event)
+        if len(self.outbox) == 1:
+            asyncio.get_running_loop().call_later(EVENT_BATCH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        batch, self.outbox = self.outbox, []
         channel = self.events
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
-                await channel.basic_publish(msgspec.json.encode(event), exchange=tasks.events_exchange(self.settings))
+            body = msgspec.json.encode(batch)
+            self.sending = asyncio.ensure_future(
+                channel.basic_publish(body, exchange=tasks.events_exchange(self.settings), wait=False)
+            )
 
     async def declare_queues(self, channel: AbstractChannel) -> None:
         """Declare the queue and its delay and dead-letter queues exactly as
@@ -319,7 +336,17 @@ class Publisher:
                 # Without mandatory, RabbitMQ confirms a message that no queue took.
                 mandatory=True,
                 timeout=self.settings.publish_timeout,
+                # The confirm proves the write; waiting for the socket to drain
+                # would hold the channel's lock from every other request.
+                wait=False,
             )
+        except asyncio.CancelledError:
+            # aiormq cancels pending publishes when it drops a dead connection.
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise
+            raise BrokerUnavailable(
+                "the broker connection was lost; it may or may not have taken the request"
+            ) from None
         except TimeoutError:
             raise BrokerUnavailable(
                 f"the broker did not confirm within {self.settings.publish_timeout:g} s; "
@@ -411,7 +438,15 @@ class StrictJSON(MsgspecDTO[TaskRequest]):
 async def require_json(request: Request[Any, Any, Any]) -> None:
     if request.content_type[0] != "application/json":
         raise ClientException(status_code=415, detail="the body must be JSON: Content-Type: application/json")
-    if not await request.body():
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            body = await request.body()
+    except TimeoutError:
+        raise ClientException(status_code=408, detail=f"the body took more than {BODY_TIMEOUT_SECONDS} s") from None
+    except InternalServerException:
+        # Litestar's word for a client that left before its body ended.
+        raise ValidationException(detail="the body ended before its Content-Length") from None
+    if not body:
         raise ValidationException(detail='the body is empty; expected {"seconds": <integer>}')
 
 
@@ -423,6 +458,7 @@ ERRORS = {
         media_type="application/problem+json",
     ),
     413: ResponseSpec(Problem, description="The body is too large.", media_type="application/problem+json"),
+    408: ResponseSpec(Problem, description="The body came too slowly.", media_type="application/problem+json"),
     415: ResponseSpec(Problem, description="The body is not JSON.", media_type="application/problem+json"),
     429: ResponseSpec(
         Problem, description="Too many tasks from this client; see Retry-After.", media_type="application/problem+json"
@@ -448,12 +484,16 @@ async def create_task(data: JSONBody[TaskRequest], publisher: NamedDependency[Pu
     message = tasks.countdown.message(data.seconds)
     await publisher.publish(message)
     queued_at = message.message_timestamp / 1000
-    await publisher.announce(tasks.TaskEvent(message.message_id, "queued", queued_at, data.seconds, data.seconds))
+    publisher.announce(tasks.TaskEvent(message.message_id, "queued", queued_at, data.seconds, data.seconds))
     accepted = TaskAccepted(message.message_id, data.seconds, "queued", timestamp(queued_at))
     return Response(accepted, status_code=202, headers={"Location": f"/tasks/{message.message_id}"})
 
 
-@get("/tasks", summary="Recent tasks")
+@get(
+    "/tasks",
+    responses={400: ResponseSpec(Problem, description="A bad page.", media_type="application/problem+json")},
+    summary="Recent tasks",
+)
 async def list_tasks(
     publisher: NamedDependency[Publisher],
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
@@ -525,7 +565,7 @@ async def cancel_task(task_id: FromPath[str], publisher: NamedDependency[Publish
     await publisher.cancel(task_id)
     if view.status == "queued":
         # It will never start: every worker checks the stream before it runs a task.
-        await publisher.announce(
+        publisher.announce(
             tasks.TaskEvent(task_id, "cancelled", time.time(), view.seconds, view.remaining, view.attempts)
         )
     else:
@@ -642,7 +682,7 @@ def create_app(publisher: Publisher) -> Litestar:
             formatters={"standard": {"format": LOG_FORMAT}},
             # Log the unexpected, not every client's mistake or a broker outage.
             log_exceptions="always",
-            disable_stack_trace={400, 401, 404, 405, 409, 413, 415, 429, 503},
+            disable_stack_trace={400, 401, 404, 405, 408, 409, 413, 415, 429, 503},
         ),
     )
 

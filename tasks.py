@@ -7,12 +7,15 @@ that supervisord runs: ``python tasks.py web`` and ``python tasks.py worker``.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from itertools import chain
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -95,6 +98,21 @@ logger = logging.getLogger("onebox")
 logger.setLevel(settings.log_level)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to stop this process when its parent dies.
+
+    granian's and Dramatiq's worker processes outlive a main process that was
+    killed outright, and would go on serving the port or holding tasks beside
+    the main process that supervisord starts in its place.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+die_with_parent()
+
+
 class Broker(RabbitmqBroker):
     """Dramatiq's RabbitMQ broker, holding no connection it does not use.
 
@@ -107,6 +125,9 @@ class Broker(RabbitmqBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> dramatiq.Consumer:
         consumer = super().consume(queue_name, prefetch, timeout)
         del self.connection
+        if queue_name == settings.queue_name:
+            # Task events and cancellations ride on this connection too (TaskControl, below).
+            control.attach(consumer.connection)  # type: ignore[attr-defined]
         return consumer
 
 
@@ -169,29 +190,66 @@ CANCELLATION_RETENTION = 7 * 86400
 
 
 class TaskControl(Middleware):
-    """The worker's one connection for task events out and cancellations in.
+    """Task events out and cancellations in, over the task queue's connection.
 
     Worker threads must not open connections of their own (Dramatiq's broker
-    gives each thread one), so one thread owns this connection: it reads the
+    gives each thread one). The consumer thread of the task queue owns its
+    connection and turns its I/O loop; on that connection this reads the
     cancellation stream from its start, then follows it, and publishes the
-    events that worker threads hand it. Events are best effort; a lost
-    progress event is corrected by the next.
+    events that worker threads hand it, a batch at a time. Events are best
+    effort: a lost progress event is corrected by the next.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cancelled: dict[str, float] = {}
         self.caught_up = threading.Event()
-        self.stopping = threading.Event()
+        self.outbox: deque[TaskEvent] = deque()
         self.connection: pika.BlockingConnection | None = None
         self.channel: Any = None
         self.marker = ""
 
-    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        threading.Thread(target=self.run, name="task-control", daemon=True).start()
+    def attach(self, connection: pika.BlockingConnection) -> None:
+        """Set up on a new consumer connection; runs in its consumer thread."""
+        channel = connection.channel()
+        channel.exchange_declare(events_exchange(self.settings), "fanout", durable=True)
+        stream = cancellations_stream(self.settings)
+        channel.queue_declare(stream, durable=True, arguments=CANCELLATIONS_ARGUMENTS)
+        # Reading up to a marker of our own tells when the past has been read.
+        self.marker = f"sync:{uuid.uuid4()}"
+        channel.basic_publish("", stream, self.marker.encode(), pika.BasicProperties(delivery_mode=2))
+        channel.basic_qos(prefetch_count=1000)
+        channel.basic_consume(stream, self.on_cancellation, arguments={"x-stream-offset": "first"})
+        self.connection, self.channel = connection, channel
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        self.stopping.set()
+    def on_cancellation(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        task_id = body.decode(errors="replace")
+        if task_id == self.marker:
+            self.caught_up.set()
+        elif not task_id.startswith("sync:"):
+            now = time.time()
+            self.cancelled[task_id] = now
+            if len(self.cancelled) % 1000 == 0:
+                self.cancelled = {key: at for key, at in self.cancelled.items() if at > now - CANCELLATION_RETENTION}
+        channel.basic_ack(method.delivery_tag)
+
+    def is_cancelled(self, task_id: str) -> bool:
+        return task_id in self.cancelled
+
+    def emit(self, event: TaskEvent) -> None:
+        """Queue an event for the consumer thread to publish; any thread may call this."""
+        self.outbox.append(event)
+        connection = self.connection
+        try:
+            if connection is not None:
+                connection.add_callback_threadsafe(self.flush)
+        except pika.exceptions.AMQPError:
+            logger.debug("task event for %s waits: no connection", event.id)
+
+    def flush(self) -> None:
+        batch = [self.outbox.popleft() for _ in range(len(self.outbox))]
+        if batch and self.channel is not None and self.channel.is_open:
+            self.channel.basic_publish(events_exchange(self.settings), "", msgspec.json.encode(batch))
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Until the stream has been read, a cancelled task would look runnable.
@@ -214,61 +272,6 @@ class TaskControl(Middleware):
         if exception is not None:
             seconds = message.args[0] if message.args else 0
             self.emit(TaskEvent(message.message_id, "failed", time.time(), seconds, seconds, attempt(message)))
-
-    def is_cancelled(self, task_id: str) -> bool:
-        return task_id in self.cancelled
-
-    def emit(self, event: TaskEvent) -> None:
-        connection = self.connection
-        if connection is None or not connection.is_open:
-            return
-        body = msgspec.json.encode(event)
-        try:
-            # pika connections belong to one thread; this is its way in.
-            connection.add_callback_threadsafe(
-                lambda: self.channel.basic_publish(events_exchange(self.settings), "", body)
-            )
-        except pika.exceptions.AMQPError:
-            logger.debug("task event for %s dropped: no connection", event.id)
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.follow()
-            except pika.exceptions.AMQPError as error:
-                logger.warning("task control connection failed: %s", redact(repr(error), self.settings.cloudamqp_url))
-                time.sleep(1)
-
-    def follow(self) -> None:
-        connection = pika.BlockingConnection(connection_parameters(self.settings))
-        try:
-            channel = connection.channel()
-            channel.exchange_declare(events_exchange(self.settings), "fanout", durable=True)
-            stream = cancellations_stream(self.settings)
-            channel.queue_declare(stream, durable=True, arguments=CANCELLATIONS_ARGUMENTS)
-            # Reading up to a marker of our own tells when the past is read.
-            self.marker = f"sync:{uuid.uuid4()}"
-            channel.basic_publish("", stream, self.marker.encode(), pika.BasicProperties(delivery_mode=2))
-            channel.basic_qos(prefetch_count=1000)
-            channel.basic_consume(stream, self.on_cancellation, arguments={"x-stream-offset": "first"})
-            self.connection, self.channel = connection, channel
-            while not self.stopping.is_set():
-                connection.process_data_events(time_limit=0.5)
-        finally:
-            self.connection = None
-            if connection.is_open:
-                connection.close()
-
-    def on_cancellation(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        task_id = body.decode(errors="replace")
-        if task_id == self.marker:
-            self.caught_up.set()
-        elif not task_id.startswith("sync:"):
-            now = time.time()
-            self.cancelled[task_id] = now
-            if len(self.cancelled) % 1000 == 0:
-                self.cancelled = {key: at for key, at in self.cancelled.items() if at > now - CANCELLATION_RETENTION}
-        channel.basic_ack(method.delivery_tag)
 
 
 def attempt(message: dramatiq.Message[Any] | MessageProxy) -> int:
@@ -321,6 +324,10 @@ def run_web() -> NoReturn:
         "--port": str(settings.port),
         "--workers": str(settings.web_workers),
         "--loop": "uvloop",
+        # HTTP/1.1 only (platforms speak HTTP/2 to clients at their proxy): its
+        # header timeout closes connections that send nothing, or too slowly.
+        "--http": "1",
+        "--http1-header-read-timeout": "10000",
         "--log-level": settings.log_level.lower(),
         # A long response must not hold a stop past the grace period.
         "--workers-kill-timeout": str(settings.stop_grace),

@@ -56,8 +56,9 @@ def delete_queues(queue: str) -> None:
     connection = rabbit_connection()
     try:
         channel = connection.channel()
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ", f"{queue}.cancellations"):
             channel.queue_delete(name)
+        channel.exchange_delete(f"{queue}.events")
     finally:
         connection.close()
 

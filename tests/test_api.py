@@ -196,7 +196,7 @@ def test_the_openapi_schema_documents_the_task_body(client: TestClient[Any]) -> 
     schema = client.get("/docs/openapi.json").json()
 
     operation = schema["paths"]["/tasks"]["post"]
-    assert set(operation["responses"]) == {"202", "400", "401", "413", "415", "429", "503"}
+    assert set(operation["responses"]) == {"202", "400", "401", "408", "413", "415", "429", "503"}
     body_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     body = schema["components"]["schemas"][body_ref.rsplit("/", 1)[1]]
     assert body["properties"]["seconds"] == {"type": "integer", "minimum": 1, "maximum": 300, "examples": [5]}

@@ -95,7 +95,7 @@ def test_a_task_whose_queue_is_missing_is_a_503_not_a_202(client: TestClient[Any
     response = client.post("/tasks", json={"seconds": 1})
 
     assert response.status_code == 503
-    assert response.json()["detail"] == f"queue '{app_queue}' was missing; the task was not queued"
+    assert response.json()["detail"] == f"queue '{app_queue}' was missing; nothing was queued"
 
 
 def test_the_queue_is_declared_again_after_it_went_missing(client: TestClient[Any], app_queue: str) -> None:
@@ -146,7 +146,7 @@ def test_a_connection_that_goes_silent_is_a_503_within_the_bound(app_queue: str,
         assert response.status_code == 503
         assert response.json()["detail"] == (
             f"the broker did not confirm within {tasks.settings.publish_timeout:g} s; "
-            "the task may or may not have been queued"
+            "it may or may not have taken the request"
         )
 
 

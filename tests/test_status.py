@@ -235,25 +235,24 @@ def test_cancelling_needs_the_api_token_when_one_is_set() -> None:
     assert publisher.cancelled == []
 
 
-def test_the_event_stream_sends_each_change_and_ends_with_the_task(
+def test_the_event_stream_of_a_finished_task_sends_its_end_and_closes(
     client: TestClient[Any], publisher: CancellingPublisher
 ) -> None:
     task_id = post(client, seconds=2)
-    board = publisher.board
+    for kind, remaining in [("started", 2), ("progress", 1), ("succeeded", 0)]:
+        publisher.board.apply(tasks.TaskEvent(task_id, kind, time.time(), 2, remaining))  # type: ignore[arg-type]
 
-    def worker() -> None:
-        for kind, remaining in [("started", 2), ("progress", 1), ("succeeded", 0)]:
-            time.sleep(0.2)
-            client.portal.call(board.apply, tasks.TaskEvent(task_id, kind, time.time(), 2, remaining))  # type: ignore[union-attr]
+    response = client.get(f"/tasks/{task_id}/events")
 
-    threading.Thread(target=worker).start()
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        body = "".join(stream.iter_text())
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = response.text.splitlines()
+    assert [line for line in lines if line.startswith("event: ")] == ["event: succeeded"]
+    [data] = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert (data["status"], data["remaining"]) == ("succeeded", 0)
 
-    events = [line.removeprefix("event: ") for line in body.splitlines() if line.startswith("event: ")]
-    data = [json.loads(line.removeprefix("data: ")) for line in body.splitlines() if line.startswith("data: ")]
-    assert events == ["queued", "running", "running", "succeeded"]
-    assert [item["remaining"] for item in data] == [2, 2, 1, 0]
+
+def test_the_event_stream_of_an_unknown_task_is_a_404(client: TestClient[Any]) -> None:
+    assert client.get("/tasks/no-such-task/events").status_code == 404
 
 
 # -- Real processes, real RabbitMQ ----------------------------------------------------
