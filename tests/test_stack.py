@@ -125,7 +125,7 @@ def test_each_program_holds_its_broker_connections_and_no_more(stacks: list[Proc
 
     connections = amqp_connections_by_program(stack)
 
-    assert connections == {"web": 1, "worker": 3}
+    assert connections == {"web": 1, "worker": 2}
 
 
 def amqp_connections_by_program(stack: Process) -> dict[str, int]:
