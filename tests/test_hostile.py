@@ -182,11 +182,6 @@ def test_fuzzing_gets_the_documented_headers(fuzzing: Fuzzing) -> None:
     assert not fuzzing.found("MissingHeaders"), fuzzing.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="main.py: GET /tasks answers a bad query (offset=-1) with application/problem+json, "
-    "which its OpenAPI responses do not document (no 400 ResponseSpec on list_tasks)",
-)
 def test_fuzzing_gets_only_documented_content_types(fuzzing: Fuzzing) -> None:
     assert not fuzzing.found("UndefinedContentType"), fuzzing.output
 
@@ -325,7 +320,6 @@ def test_a_malformed_request_gets_a_4xx_or_a_hang_up(server: Server, raw: bytes)
     assert server.healthz_seconds() < PROMPT
 
 
-@pytest.mark.xfail(strict=True, reason=BODY_CUT_SHORT)
 def test_a_bad_chunk_size_gets_a_4xx_or_a_hang_up(server: Server) -> None:
     raw = request("POST", b"/tasks", b"Content-Type: application/json", b"Transfer-Encoding: chunked", body=b"zz\r\n")
 
@@ -334,7 +328,6 @@ def test_a_bad_chunk_size_gets_a_4xx_or_a_hang_up(server: Server) -> None:
     assert status is None or 400 <= status < 500
 
 
-@pytest.mark.xfail(strict=True, reason=BODY_CUT_SHORT)
 def test_a_body_shorter_than_its_length_gets_a_4xx_or_a_hang_up(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(post_json(b'{"seconds": 1}' + b" " * 50)[:-50])
@@ -474,12 +467,6 @@ def test_idle_connections_do_not_slow_other_requests(idle_connections: Siege) ->
     assert max(idle_connections.healthz_seconds) < PROMPT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="granian 2.8 in --http auto mode starts no header read timeout before a connection's first "
-    "byte: idle connections are held forever (tasks.py run_web: pass --http 1 and "
-    "--http1-header-read-timeout 10000)",
-)
 def test_idle_connections_are_closed_within_the_bound(idle_connections: Siege) -> None:
     assert idle_connections.still_open == 0
     assert max(idle_connections.ended_after) <= IDLE_BOUND
@@ -489,10 +476,6 @@ def test_headers_that_trickle_in_do_not_slow_other_requests(trickled_headers: Si
     assert max(trickled_headers.healthz_seconds) < PROMPT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="granian's default header read timeout is 30 s (tasks.py run_web: pass --http1-header-read-timeout 10000)",
-)
 def test_headers_that_trickle_in_are_cut_off_within_the_bound(trickled_headers: Siege) -> None:
     assert trickled_headers.still_open == 0
     assert all(answer.startswith(b"HTTP/1.1 4") for answer in trickled_headers.answers)
@@ -502,12 +485,6 @@ def test_a_body_that_trickles_in_does_not_slow_other_requests(trickled_body: Sie
     assert max(trickled_body.healthz_seconds) < PROMPT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing bounds the time to read a body: granian has no body timeout and main.py reads it "
-    "without one, so a client holds a request open as long as it keeps sending (main.py: "
-    "asyncio.timeout around the body read, 408)",
-)
 def test_a_body_that_trickles_in_is_cut_off_within_the_bound(trickled_body: Siege) -> None:
     assert trickled_body.still_open == 0
     assert all(answer.startswith(b"HTTP/1.1 4") for answer in trickled_body.answers)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import Process, TcpProxy, free_port, require_tool, start_stack, wait_http
 
 
