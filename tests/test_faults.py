@@ -606,20 +606,10 @@ def test_a_killed_web_process_is_restarted_and_loses_no_accepted_task(web_kill: 
     assert set(web_kill.answers_during_fault) <= {"202", "none"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="granian's workers outlive a SIGKILLed main process (no parent-death signal): they keep "
-    "serving the port beside the new granian, out of supervisord's reach",
-)
 def test_a_killed_web_process_leaves_no_worker_behind(web_kill: Trial) -> None:
     assert web_kill.details["orphaned_workers"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dramatiq's worker processes outlive a SIGKILLed dramatiq main process (no parent-death "
-    "signal): they keep consuming beside the restarted worker, out of supervisord's reach",
-)
 def test_a_killed_worker_main_process_leaves_no_worker_behind(rig: Rig) -> None:
     dramatiq_main = rig.program("dramatiq")
     workers = dramatiq_main.children()
