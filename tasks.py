@@ -57,7 +57,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     task_memory_count: Annotated[int, Meta(ge=1, le=1_000_000)]
     task_memory_seconds: Annotated[int, Meta(ge=1, le=7 * 86400)]
     progress_every: Annotated[int, Meta(ge=0, le=LONGEST_COUNTDOWN)]
-    # Stopping takes up to stop_grace + 5 s; supervisord kills at 30 s.
+    # Stopping takes up to stop_grace + 6 s; supervisord kills at 30 s.
     stop_grace: Annotated[int, Meta(ge=1, le=20)]
     # A pattern, not a Literal, so that an error lists the choices.
     log_level: Annotated[str, Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")]

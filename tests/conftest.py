@@ -248,7 +248,10 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        source.settimeout(0.1)
+        try:
+            source.settimeout(0.1)
+        except OSError:  # closed by cut() or close() before this thread began
+            return
         while not self.closed:
             if self.mode == "blackhole":
                 time.sleep(0.05)

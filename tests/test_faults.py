@@ -571,23 +571,10 @@ def test_a_silent_network_loses_no_accepted_task(black_hole: Trial) -> None:
     assert black_hole.lost == 0
 
 
-# Not strict: it takes a POST whose task was confirmed just as the network went silent.
-@pytest.mark.xfail(
-    strict=False,
-    reason="main.py: after a confirmed publish, create_task awaits Publisher.announce, a publish with "
-    "no time bound; on a silent connection it waits until the heartbeat drops the connection "
-    "(about 9 s), then fails with CancelledError: a 500 for a task that was queued (seen: 31 tasks "
-    "ran, 30 POSTs were answered 202)",
-)
 def test_a_silent_network_gets_every_post_answered_within_the_bound(black_hole: Trial) -> None:
     assert black_hole.longest_answer_during_fault <= ANSWER_BOUND
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="main.py: when aiormq drops a silent connection it cancels its reader, and the publishes "
-    "awaiting a confirm get CancelledError, which Publisher.publish lets through: 500 instead of 503",
-)
 def test_a_silent_network_answers_posts_202_or_503_never_500(black_hole: Trial) -> None:
     assert set(black_hole.answers_during_fault) <= {"202", "503"}
 
@@ -633,12 +620,6 @@ def test_a_blocked_broker_connection_loses_no_accepted_task(blocked: Trial) -> N
     assert set(blocked.answers_during_fault) <= {"202", "503"}
 
 
-# Not strict: it takes a POST whose task was confirmed just as the connection was blocked.
-@pytest.mark.xfail(
-    strict=False,
-    reason="main.py: after a confirmed publish, create_task awaits Publisher.announce, a publish with "
-    "no time bound, which waits while RabbitMQ blocks the connection: a 202 after 6 s",
-)
 def test_a_blocked_broker_connection_gets_every_post_answered_within_the_bound(blocked: Trial) -> None:
     assert blocked.longest_answer_during_fault <= ANSWER_BOUND
 

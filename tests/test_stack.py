@@ -43,6 +43,11 @@ def post_task(base: str, seconds: int) -> str:
     return str(response.json()["id"])
 
 
+# Past the grace period a stop spends up to ~6 s in one-second polling loops:
+# dramatiq's worker process and its log watcher, supervisord's ticks.
+STOP_OVERHEAD = 6
+
+
 def stop_and_time(stack: Process, sig: int) -> tuple[int, float]:
     started = time.monotonic()
     stack.send_signal(sig)
@@ -58,7 +63,7 @@ def test_sigterm_lets_the_running_countdown_finish_and_exits_0(stacks: list[Proc
     code, elapsed = stop_and_time(stack, signal.SIGTERM)
 
     assert code == 0
-    assert elapsed < 10 + 5
+    assert elapsed < 10 + STOP_OVERHEAD
     stack.wait_for(rf"task {task_id} done seconds=3", timeout=0)
 
 
@@ -66,17 +71,17 @@ def test_sigint_hands_an_unfinished_countdown_back_and_the_next_start_completes_
     stacks: list[Process], queue_name: str
 ) -> None:
     stack, base = started_stack(stacks, queue_name, STOP_GRACE=1)
-    task_id = post_task(base, 5)
+    task_id = post_task(base, 10)
     stack.wait_for(rf"task {task_id} started")
 
     code, elapsed = stop_and_time(stack, signal.SIGINT)
 
     assert code == 0
-    assert elapsed < 1 + 5
+    assert elapsed < 1 + STOP_OVERHEAD < 10
     assert f"task {task_id} done" not in stack.output
     successor, _ = started_stack(stacks, queue_name)
-    successor.wait_for(rf"task {task_id} started seconds=5 attempt=1 redelivered=yes")
-    successor.wait_for(rf"task {task_id} done seconds=5", timeout=15)
+    successor.wait_for(rf"task {task_id} started seconds=10 attempt=1 redelivered=yes")
+    successor.wait_for(rf"task {task_id} done seconds=10", timeout=20)
 
 
 def test_web_and_worker_stop_together(stacks: list[Process], queue_name: str) -> None:
