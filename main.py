@@ -370,11 +370,16 @@ class Publisher:
 # -- Hardening ------------------------------------------------------------------
 
 
-def require_token(connection: ASGIConnection[Any, Any, Any, Any], __: BaseRouteHandler) -> None:
-    """With API_TOKEN set, changing state takes "Authorization: Bearer <token>"."""
-    token = connection.app.state.settings.api_token
-    if not token:
+async def require_token(connection: ASGIConnection[Any, Any, Any, Any], __: BaseRouteHandler) -> None:
+    """With API_TOKEN set, changing state takes "Authorization: Bearer <token>".
+
+    An app guard installed only when a token is set, and async: for every
+    request Litestar copies the handler for each guard, and runs a sync guard
+    in a thread.
+    """
+    if connection.scope.get("method") not in ("POST", "DELETE"):
         return
+    token = connection.app.state.settings.api_token
     scheme, _, offered = connection.headers.get("authorization", "").partition(" ")
     # Constant time: how long a comparison takes must not leak the token.
     if scheme.lower() != "bearer" or not hmac.compare_digest(offered.encode(), token.encode()):
@@ -472,7 +477,6 @@ ERRORS = {
 @post(
     "/tasks",
     status_code=202,
-    guards=[require_token],
     dto=StrictJSON,
     return_dto=None,
     before_request=require_json,
@@ -544,7 +548,6 @@ async def task_events(task_id: FromPath[str], publisher: NamedDependency[Publish
 @delete(
     "/tasks/{task_id:str}",
     status_code=202,
-    guards=[require_token],
     responses={
         **TASK_NOT_FOUND,
         409: ResponseSpec(Problem, description="The task has finished.", media_type="application/problem+json"),
@@ -651,6 +654,7 @@ def create_app(publisher: Publisher) -> Litestar:
             # The API docs load their scripts from here, not from a CDN.
             create_static_files_router("/docs/assets", directories=[swagger_ui_path], include_in_schema=False),
         ],
+        guards=[require_token] if settings.api_token else None,
         dependencies={"publisher": Provide(lambda: publisher, use_cache=True, sync_to_thread=False)},
         lifespan=[broker_connection],
         state=State({"settings": settings}),
