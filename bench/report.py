@@ -102,7 +102,18 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
                     f"| {one['accepted']:.0f} | {queued} |"
                 )
         lines.append("")
+    limiter = figures["rate_limiter"]
     lines += [
+        "**The rate limiter's cost** (onebox, 64 clients, worker paused; on: a limit one address never reaches)",
+        "",
+        "| limiter | req/s | p99 ms | CPU µs/req | refused |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {state} | {one['rps']:,.0f} | {one['p99_ms']:.1f} | {one['cpu_us_per_request']:.0f} "
+            f"| {one['refused']:.0f} |"
+            for state, one in limiter.items()
+        ),
+        "",
         "**The whole stack** (onebox: supervisord, granian, dramatiq; comparison: uvicorn, dramatiq)",
         "",
         "| figure | onebox | comparison |",

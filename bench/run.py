@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -68,6 +68,8 @@ PICKUP_GAP = 0.25
 CONCURRENCY_SETTINGS = {"WORKER_THREADS": 500, "QUEUE_PREFETCH": 500}
 DRAMATIQ_DEFAULTS = {"processes": os.cpu_count() or 1, "threads": 8}
 COUNTDOWN_SECONDS = 30
+# Per minute: far above what one address sends in a round, so the limiter counts but never refuses.
+LIMIT_NEVER_REACHED = 1_000_000
 PACKAGES = (
     "granian",
     "uvloop",
@@ -157,6 +159,16 @@ def enqueue(plan: Plan, scratch: Scratch, broker_url: str, with_bare: bool) -> d
     say("  raw publishing with confirms")
     figures["raw"] = raw_rounds(broker_url, plan)
     return figures
+
+
+def rate_limiter(plan: Plan, scratch: Scratch) -> dict[str, dict[str, float]]:
+    """onebox at the peak level with its per-client limiter off, then on with
+    a limit that one address cannot reach in a round: what the limiter costs."""
+    rounds: dict[str, dict[str, float]] = {}
+    for state, limit in (("off", 0), ("on", LIMIT_NEVER_REACHED)):
+        with onebox(scratch, new_queue("onebox"), paused=True, RATE_LIMIT_PER_MINUTE=limit) as stack:
+            rounds[state] = load_rounds(stack, replace(plan, levels=(PEAK_CLIENTS,)))[str(PEAK_CLIENTS)]
+    return rounds
 
 
 # -- Figures 3 to 6: the whole stack, from launch to peak -------------------------------------
@@ -294,6 +306,8 @@ def concurrency(start: Callable[[], Stack], settings: dict[str, int], plan: Plan
 def measure(plan: Plan, scratch: Scratch) -> dict[str, Any]:
     say("figure 1: enqueue, broker on loopback")
     direct = enqueue(plan, scratch, RABBIT_URL, with_bare=True)
+    say("  onebox with its rate limiter off and on")
+    limiter = rate_limiter(plan, scratch)
     say(f"figure 2: enqueue, broker {plan.delay_ms:g} ms away each way")
     with DelayProxy(plan.delay_ms) as proxy:
         delayed = enqueue(plan, scratch, proxy.url, with_bare=False)
@@ -310,6 +324,7 @@ def measure(plan: Plan, scratch: Scratch) -> dict[str, Any]:
     return {
         "enqueue": direct,
         "enqueue_delayed": delayed,
+        "rate_limiter": limiter,
         "pickup": {name: figures["pickup"] for name, figures in stacks.items()},
         "connections": {
             name: {

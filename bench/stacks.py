@@ -118,8 +118,7 @@ def onebox(
         QUEUE_NAME=queue,
         CLOUDAMQP_URL=broker_url,
         # The per-client rate limit would cap a load test from one address.
-        RATE_LIMIT_PER_MINUTE=0,
-        **settings,
+        **({"RATE_LIMIT_PER_MINUTE": 0} | settings),
     )
     launched = time.time()
     process = Process([str(scratch.venv / "bin" / "supervisord"), "-c", str(config)], env)

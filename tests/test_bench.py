@@ -78,6 +78,16 @@ def test_onebox_serves_the_load_without_errors(bench: tuple[dict[str, Any], Path
             assert (result["refused"], result["errors"]) == (0, 0), (figure, clients)
 
 
+def test_the_rate_limiters_cost_is_measured_with_it_off_and_on(bench: tuple[dict[str, Any], Path]) -> None:
+    limiter = bench[0]["figures"]["rate_limiter"]
+
+    assert set(limiter) == {"off", "on"}
+    for state, result in limiter.items():
+        assert result["accepted"] > 0, state
+        # A limit one address never reaches: the limiter counts and never refuses.
+        assert (result["refused"], result["errors"], result["missing"]) == (0, 0, 0), state
+
+
 def test_connections_and_memory_are_counted_per_process(bench: tuple[dict[str, Any], Path]) -> None:
     connections, memory = bench[0]["figures"]["connections"]["onebox"], bench[0]["figures"]["memory"]["onebox"]
 

@@ -66,4 +66,3 @@ def test_nothing_is_left_declared(status: dict[str, Any]) -> None:
             check=True,
         ).stdout.split()
         assert [name for name in names if name.partition(".")[0] in prefixes] == [], kind
-
