@@ -271,7 +271,7 @@ def first_accepted(url: str, timeout: float = 60) -> float:
     raise RuntimeError(f"no 202 from {url} in {timeout} s")
 
 
-def wrk(url: str, clients: int, seconds: float) -> dict[str, float]:
+def wrk(url: str, clients: int, seconds: float, script: str = "post.lua") -> dict[str, float]:
     """POST {"seconds": 1} to ``url`` from ``clients`` connections for ``seconds``.
 
     One wrk thread per connection, each stopping after its first response
@@ -283,7 +283,7 @@ def wrk(url: str, clients: int, seconds: float) -> dict[str, float]:
         f"--connections={clients}",
         f"--duration={int(seconds) + WRK_MARGIN}s",
         "--timeout=10s",
-        f"--script={BENCH / 'post.lua'}",
+        f"--script={BENCH / script}",
         url,
         "--",
         str(seconds),

@@ -104,7 +104,8 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         lines.append("")
     limiter = figures["rate_limiter"]
     lines += [
-        "**The rate limiter's cost** (onebox, 64 clients, worker paused; on: a limit one address never reaches)",
+        "**The rate limiter's cost** (onebox, 64 clients, worker paused, each request from an address of its own; "
+        "on: the default limit, 60 per client per minute)",
         "",
         "| limiter | req/s | p99 ms | CPU µs/req | refused |",
         "|---|---:|---:|---:|---:|",

@@ -84,7 +84,7 @@ def test_the_rate_limiters_cost_is_measured_with_it_off_and_on(bench: tuple[dict
     assert set(limiter) == {"off", "on"}
     for state, result in limiter.items():
         assert result["accepted"] > 0, state
-        # A limit one address never reaches: the limiter counts and never refuses.
+        # Every request from an address of its own: the limiter counts and never refuses.
         assert (result["refused"], result["errors"], result["missing"]) == (0, 0, 0), state
 
 
