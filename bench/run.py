@@ -167,8 +167,10 @@ def rate_limiter(plan: Plan, scratch: Scratch) -> dict[str, dict[str, float]]:
     users, none near the limit): what the limiter costs."""
     rounds: dict[str, dict[str, float]] = {}
     for state, limit in (("off", 0), ("on", LIMIT_DEFAULT)):
-        settings: dict[str, str | int] = {"RATE_LIMIT_PER_MINUTE": limit, "CLIENT_IP_HEADER": "X-Forwarded-For"}
-        with onebox(scratch, new_queue("onebox"), paused=True, **settings) as stack:
+        header = "X-Forwarded-For"
+        with onebox(
+            scratch, new_queue("onebox"), paused=True, RATE_LIMIT_PER_MINUTE=limit, CLIENT_IP_HEADER=header
+        ) as stack:
             peak = replace(plan, levels=(PEAK_CLIENTS,))
             rounds[state] = load_rounds(stack, peak, "post-clients.lua")[str(PEAK_CLIENTS)]
     return rounds
