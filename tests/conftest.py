@@ -42,6 +42,17 @@ def require_tool(name: str) -> str:
     return path
 
 
+def declared_with_prefix(kind: str, prefixes: list[str]) -> list[str]:
+    """RabbitMQ's queues or exchanges (``kind``) named ``<prefix>`` or ``<prefix>.<anything>``."""
+    names = subprocess.run(
+        ["rabbitmqctl", "-q", f"list_{kind}", "--no-table-headers", "name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [name for name in names if name.partition(".")[0] in prefixes]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

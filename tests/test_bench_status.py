@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import ROOT, require_tool
+from conftest import ROOT, declared_with_prefix, require_tool
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,10 +59,4 @@ def test_nothing_is_left_declared(status: dict[str, Any]) -> None:
 
     assert prefixes
     for kind in ("queues", "exchanges"):
-        names = subprocess.run(
-            ["rabbitmqctl", "-q", f"list_{kind}", "--no-table-headers", "name"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        assert [name for name in names if name.partition(".")[0] in prefixes] == [], kind
+        assert declared_with_prefix(kind, prefixes) == [], kind
