@@ -223,7 +223,8 @@ class Publisher:
         self.channel: aiormq.Channel | None = None
         self.events: aiormq.Channel | None = None
         self.outbox: list[tasks.TaskEvent] = []
-        self.sending: asyncio.Future[Any] | None = None
+        # The event loop holds tasks weakly: each batch's publish is kept here until done.
+        self.sending: set[asyncio.Task[Any]] = set()
         self.problem = "not connected to the broker yet"
 
     @property
@@ -294,9 +295,11 @@ class Publisher:
         channel = self.events
         if channel is not None and not channel.is_closed:
             body = msgspec.json.encode(batch)
-            self.sending = asyncio.ensure_future(
+            sending = asyncio.create_task(
                 channel.basic_publish(body, exchange=tasks.events_exchange(self.settings), wait=False)
             )
+            self.sending.add(sending)
+            sending.add_done_callback(self.sending.discard)
 
     async def declare_queues(self, channel: AbstractChannel) -> None:
         """Declare the queue and its delay and dead-letter queues exactly as
