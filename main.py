@@ -8,6 +8,7 @@ serves it on granian; the countdown itself runs in tasks.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -22,9 +23,7 @@ from typing import Annotated, Any, Literal, cast
 import aiormq
 import dramatiq
 import msgspec
-from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage, FieldTable
-from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
-from dramatiq.common import dq_name, xq_name
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from litestar import Litestar, MediaType, Request, Response, delete, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
@@ -226,6 +225,7 @@ class Publisher:
         # The event loop holds tasks weakly: each batch's publish is kept here until done.
         self.sending: set[asyncio.Task[Any]] = set()
         self.problem = "not connected to the broker yet"
+        self.ever_connected = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -236,6 +236,7 @@ class Publisher:
             try:
                 await self.connect()
                 self.problem = ""
+                self.ever_connected.set()
                 logger.info("broker connected")
                 assert self.connection is not None and self.channel is not None
                 await asyncio.wait(
@@ -302,17 +303,9 @@ class Publisher:
             sending.add_done_callback(self.sending.discard)
 
     async def declare_queues(self, channel: AbstractChannel) -> None:
-        """Declare the queue and its delay and dead-letter queues exactly as
-        Dramatiq's worker does; RabbitMQ refuses a second declaration that
-        differs, so the real worker's start proves these arguments."""
-        queue = self.settings.queue_name
-        dead_letters: FieldTable = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
-        await channel.queue_declare(queue, durable=True, arguments=dead_letters)
-        await channel.queue_declare(dq_name(queue), durable=True, arguments=dead_letters)
-        await channel.queue_declare(xq_name(queue), durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL})
-        await channel.queue_declare(
-            tasks.cancellations_stream(self.settings), durable=True, arguments=tasks.CANCELLATIONS_ARGUMENTS
-        )
+        """Declare the queues exactly as the worker does (tasks.queues)."""
+        for name, arguments in tasks.queues(self.settings).items():
+            await channel.queue_declare(name, durable=True, arguments=arguments)
 
     async def close(self) -> None:
         connection, self.connection, self.channel, self.events = self.connection, None, None, None
@@ -404,8 +397,13 @@ def client_address(request: Request[Any, Any, Any]) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def is_task_creation(request: Request[Any, Any, Any]) -> bool:
-    return request.method == "POST" and request.url.path == "/tasks"
+def writes_to_broker(request: Request[Any, Any, Any]) -> bool:
+    """POST /tasks and DELETE /tasks/{id}: what the rate limit counts.
+
+    Each makes the broker store and deliver messages (and spends a plan's
+    monthly quota); reads do not.
+    """
+    return request.method in ("POST", "DELETE") and request.url.path.startswith("/tasks")
 
 
 SECURITY_HEADERS = [
@@ -566,8 +564,8 @@ async def cancel_task(task_id: FromPath[str], publisher: NamedDependency[Publish
         raise board.unknown(task_id)
     if view.status in ("succeeded", "failed"):
         raise ClientException(status_code=409, detail=f"task {task_id} has {view.status}; it cannot be cancelled")
-    if view.status == "cancelled":
-        return view
+    if view.status in ("cancelling", "cancelled"):
+        return view  # already in the stream: a repeat writes nothing
     await publisher.cancel(task_id)
     if view.status == "queued":
         # It will never start: every worker checks the stream before it runs a task.
@@ -628,6 +626,11 @@ def create_app(publisher: Publisher) -> Litestar:
     @asynccontextmanager
     async def broker_connection(_: Litestar) -> AsyncIterator[None]:
         keeper = asyncio.create_task(publisher.run())
+        # Platforms route traffic once the port answers: take none before the
+        # channel is open, or a deploy's first requests get 503s. A broker that
+        # is down delays the start by publish_timeout, no more.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(publisher.ever_connected.wait(), settings.publish_timeout)
         try:
             yield
         finally:
@@ -639,7 +642,7 @@ def create_app(publisher: Publisher) -> Litestar:
         limit = RateLimitConfig(
             rate_limit=("minute", settings.rate_limit_per_minute),
             identifier_for_request=client_address,
-            check_throttle_handler=is_task_creation,
+            check_throttle_handler=writes_to_broker,
         )
         middleware.append(limit.middleware)
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -26,7 +27,8 @@ import msgspec
 import pika
 import pika.exceptions
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
+from dramatiq.common import dq_name, q_name, xq_name
 from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 from msgspec import Meta
 
@@ -35,6 +37,12 @@ SETTINGS_FILE = Path(__file__).with_name("settings.toml")
 # RabbitMQ closes a channel whose delivery stays unacknowledged past its
 # consumer_timeout (30 minutes by default): a countdown must end well before.
 LONGEST_COUNTDOWN = 1500
+# CloudAMQP's shared plans close a connection that holds more than 1,000
+# unacknowledged messages. The worker's task-queue connection also reads the
+# cancellation stream: its two windows together stay within that by
+# construction.
+UNACKED_PER_CONNECTION = 1000
+STREAM_PREFETCH = 100
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -48,10 +56,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     web_workers: Annotated[int, Meta(ge=1, le=32)]
     max_body_bytes: Annotated[int, Meta(ge=64, le=1_048_576)]
     worker_processes: Annotated[int, Meta(ge=1, le=32)]
-    worker_threads: Annotated[int, Meta(ge=1, le=1000)]
-    # CloudAMQP's shared plans close a connection that holds more than 1,000
-    # unacknowledged messages.
-    queue_prefetch: Annotated[int, Meta(ge=1, le=1000)]
+    worker_threads: Annotated[int, Meta(ge=1, le=UNACKED_PER_CONNECTION - STREAM_PREFETCH)]
+    queue_prefetch: Annotated[int, Meta(ge=1, le=UNACKED_PER_CONNECTION - STREAM_PREFETCH)]
     max_retries: Annotated[int, Meta(ge=0, le=10)]
     max_seconds: Annotated[int, Meta(ge=1, le=LONGEST_COUNTDOWN)]
     task_memory_count: Annotated[int, Meta(ge=1, le=1_000_000)]
@@ -113,8 +119,90 @@ PR_SET_PDEATHSIG = 1
 die_with_parent()
 
 
+# -- What onebox declares on the broker --------------------------------------------
+#
+# Web and worker declare the same queues with the same arguments (RabbitMQ
+# refuses a second declaration that differs), from this one table. On
+# CloudAMQP's free plans they count against 100 queues: the task queue, its
+# delay and dead-letter queues, the cancellation stream, plus one exclusive
+# event queue per web process; one exchange (task events).
+
+
+def events_exchange(settings: Settings) -> str:
+    return f"{settings.queue_name}.events"
+
+
+def cancellations_stream(settings: Settings) -> str:
+    return f"{settings.queue_name}.cancellations"
+
+
+# RabbitMQ trims a stream a whole segment at a time and always keeps the last
+# one; with its default segment (500 MB) a small stream is never trimmed at
+# all. Small segments make x-max-age and x-max-length-bytes bite. (LavinMQ's
+# segments are 8 MiB whatever is asked.)
+STREAM_SEGMENT_BYTES = 1_000_000
+CANCELLATION_RETENTION = 7 * 86400  # a task queued longer can no longer be cancelled
+CANCELLATIONS_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "stream",
+    "x-max-age": "7D",
+    "x-max-length-bytes": 10_000_000,
+    "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES,
+}
+
+
+def queues(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every queue onebox's work depends on, with its declaration arguments."""
+    queue = settings.queue_name
+    dead_letters = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+    return {
+        queue: dead_letters,
+        dq_name(queue): dead_letters,
+        xq_name(queue): {"x-message-ttl": DEAD_MESSAGE_TTL},
+        cancellations_stream(settings): CANCELLATIONS_ARGUMENTS,
+    }
+
+
+def declare_or_exit(settings: Settings) -> None:
+    """Declare everything before a program starts; a refusal stops the start.
+
+    A broker that refuses a declaration (arguments that differ from an older
+    declaration, a missing permission, a policy or vhost limit) would
+    otherwise be a restart loop of tracebacks. An unreachable broker is not a
+    refusal: the programs start and reconnect by themselves.
+    """
+    try:
+        connection = pika.BlockingConnection(connection_parameters(settings))
+    except pika.exceptions.AMQPError:
+        return
+    try:
+        for name, arguments in queues(settings).items():
+            try:
+                connection.channel().queue_declare(name, durable=True, arguments=arguments)
+            except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ConnectionClosedByBroker) as refusal:
+                raise SystemExit(refused(name, refusal.reply_code, refusal.reply_text)) from None
+        connection.channel().exchange_declare(events_exchange(settings), "fanout", durable=True)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def refused(queue: str, code: int, reason: str) -> str:
+    """One line: the queue, the broker's reason, and what to do."""
+    if code == 403:
+        advice = "give the broker user configure, write and read permission on it"
+    elif "inequivalent arg" in reason:
+        advice = (
+            "it exists with other arguments (an older onebox, or by hand): delete it "
+            "(management UI, or rabbitmqctl delete_queue) and start again"
+        )
+    else:
+        advice = "check the broker's policies, limits and enabled queue types for it"
+    return f"onebox: the broker refused queue {queue!r}: {reason} ({code}); {advice}"
+
+
 class Broker(RabbitmqBroker):
-    """Dramatiq's RabbitMQ broker, holding no connection it does not use.
+    """Dramatiq's RabbitMQ broker, declaring from the table above and holding
+    no connection it does not use.
 
     Declaring the queues opens a connection in each consumer thread, which
     then idles for the life of the worker; a stock worker holds four
@@ -122,7 +210,13 @@ class Broker(RabbitmqBroker):
     connection per consumed queue (the queue and its delay queue).
     """
 
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        return queues(settings)[queue_name]
+
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> dramatiq.Consumer:
+        # Declare again on every (re)start: a queue deleted meanwhile (CloudAMQP
+        # deletes one unused for 28 days) comes back without a restart.
+        self.queues_pending.add(q_name(queue_name))
         consumer = super().consume(queue_name, prefetch, timeout)
         del self.connection
         if queue_name == settings.queue_name:
@@ -156,7 +250,7 @@ dramatiq.set_broker(broker)
 # RabbitMQ is the only state shared between containers. Workers and web
 # processes publish task events to a fanout exchange; every web process keeps
 # what it hears in memory (main.py). A cancellation is a message in a durable
-# stream that every worker reads from its start: a task cancelled while no
+# stream that every worker reads from a week ago on: a task cancelled while no
 # worker ran is still refused by the next one.
 
 
@@ -171,22 +265,9 @@ class TaskEvent(msgspec.Struct, gc=False):
     attempt: int = 1
 
 
-def events_exchange(settings: Settings) -> str:
-    return f"{settings.queue_name}.events"
-
-
-def cancellations_stream(settings: Settings) -> str:
-    return f"{settings.queue_name}.cancellations"
-
-
-# Cancellations are kept a week: a task queued longer than that can no longer
-# be cancelled.
-CANCELLATIONS_ARGUMENTS: dict[str, Any] = {
-    "x-queue-type": "stream",
-    "x-max-age": "7D",
-    "x-max-length-bytes": 100_000_000,
-}
-CANCELLATION_RETENTION = 7 * 86400
+# The AMQP message type of the marker a worker writes to the cancellation
+# stream at start: reading up to its own marker tells it the past has been read.
+SYNC = "sync"
 
 
 class TaskControl(Middleware):
@@ -195,9 +276,9 @@ class TaskControl(Middleware):
     Worker threads must not open connections of their own (Dramatiq's broker
     gives each thread one). The consumer thread of the task queue owns its
     connection and turns its I/O loop; on that connection this reads the
-    cancellation stream from its start, then follows it, and publishes the
-    events that worker threads hand it, a batch at a time. Events are best
-    effort: a lost progress event is corrected by the next.
+    cancellation stream from the start of its retention, then follows it,
+    and publishes the events that worker threads hand it, a batch at a time.
+    Events are best effort: a lost progress event is corrected by the next.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -213,22 +294,30 @@ class TaskControl(Middleware):
         """Set up on a new consumer connection; runs in its consumer thread."""
         channel = connection.channel()
         channel.exchange_declare(events_exchange(self.settings), "fanout", durable=True)
-        stream = cancellations_stream(self.settings)
-        channel.queue_declare(stream, durable=True, arguments=CANCELLATIONS_ARGUMENTS)
-        # Reading up to a marker of our own tells when the past has been read.
-        self.marker = f"sync:{uuid.uuid4()}"
-        channel.basic_publish("", stream, self.marker.encode(), pika.BasicProperties(delivery_mode=2))
-        channel.basic_qos(prefetch_count=1000)
-        channel.basic_consume(stream, self.on_cancellation, arguments={"x-stream-offset": "first"})
+        # A stream consumer without a window would get 65,535 at once on LavinMQ.
+        channel.basic_qos(prefetch_count=STREAM_PREFETCH)
+        self.follow(channel)
+        self.marker = str(uuid.uuid4())
+        marker = pika.BasicProperties(delivery_mode=2, type=SYNC, message_id=self.marker)
+        channel.basic_publish("", cancellations_stream(self.settings), b"", marker)
+        # The stream deleted under us: declare it again and read on.
+        channel.add_on_cancel_callback(lambda _: self.follow(channel))
         self.connection, self.channel = connection, channel
 
-    def on_cancellation(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        task_id = body.decode(errors="replace")
-        if task_id == self.marker:
-            self.caught_up.set()
-        elif not task_id.startswith("sync:"):
+    def follow(self, channel: Any) -> None:
+        stream = cancellations_stream(self.settings)
+        channel.queue_declare(stream, durable=True, arguments=CANCELLATIONS_ARGUMENTS)
+        # A point in time, not an offset number: LavinMQ counts from 1, RabbitMQ from 0.
+        since = datetime.now(UTC) - timedelta(seconds=CANCELLATION_RETENTION)
+        channel.basic_consume(stream, self.on_cancellation, arguments={"x-stream-offset": since})
+
+    def on_cancellation(self, channel: Any, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+        if properties.type == SYNC:
+            if properties.message_id == self.marker:
+                self.caught_up.set()
+        else:
             now = time.time()
-            self.cancelled[task_id] = now
+            self.cancelled[body.decode(errors="replace")] = now
             if len(self.cancelled) % 1000 == 0:
                 self.cancelled = {key: at for key, at in self.cancelled.items() if at > now - CANCELLATION_RETENTION}
         channel.basic_ack(method.delivery_tag)
@@ -318,6 +407,7 @@ def countdown(seconds: int) -> None:
 
 def run_web() -> NoReturn:
     """Replace this process with granian serving main:app."""
+    declare_or_exit(settings)
     options = {
         "--interface": "asgi",
         "--host": "0.0.0.0",
@@ -337,6 +427,7 @@ def run_web() -> NoReturn:
 
 def run_worker() -> NoReturn:
     """Replace this process with the Dramatiq worker for this module."""
+    declare_or_exit(settings)
     # Dramatiq reads its prefetch from the environment. Its delay-queue
     # default (threads x 1000) breaks CloudAMQP's limit on unacked messages.
     os.environ["dramatiq_queue_prefetch"] = str(settings.queue_prefetch)

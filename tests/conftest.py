@@ -14,13 +14,15 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pika
 import psutil
 import pytest
+from rabbit_node import RabbitContainer
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -42,14 +44,16 @@ def require_tool(name: str) -> str:
     return path
 
 
-def declared_with_prefix(kind: str, prefixes: list[str]) -> list[str]:
+def machine_ctl(*arguments: str, timeout: float = 60) -> str:
+    """``rabbitmqctl arguments`` for the machine's RabbitMQ."""
+    return subprocess.run(
+        ["rabbitmqctl", *arguments], capture_output=True, text=True, check=True, timeout=timeout
+    ).stdout
+
+
+def declared_with_prefix(kind: str, prefixes: list[str], ctl: Callable[..., str] = machine_ctl) -> list[str]:
     """RabbitMQ's queues or exchanges (``kind``) named ``<prefix>`` or ``<prefix>.<anything>``."""
-    names = subprocess.run(
-        ["rabbitmqctl", "-q", f"list_{kind}", "--no-table-headers", "name"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    names = ctl("-q", f"list_{kind}", "--no-table-headers", "name").split()
     return [name for name in names if name.partition(".")[0] in prefixes]
 
 
@@ -59,12 +63,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def rabbit_connection() -> pika.BlockingConnection:
-    return pika.BlockingConnection(pika.URLParameters(RABBIT_URL))
+def rabbit_connection(url: str = RABBIT_URL) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.URLParameters(url))
 
 
-def delete_queues(queue: str) -> None:
-    connection = rabbit_connection()
+def delete_queues(queue: str, url: str = RABBIT_URL) -> None:
+    connection = rabbit_connection(url)
     try:
         channel = connection.channel()
         for name in (queue, f"{queue}.DQ", f"{queue}.XQ", f"{queue}.cancellations"):
@@ -74,20 +78,67 @@ def delete_queues(queue: str) -> None:
         connection.close()
 
 
-def queue_depth(queue: str) -> int:
+def queue_depth(queue: str, url: str = RABBIT_URL) -> int:
     """Messages ready in the queue (it must exist)."""
-    connection = rabbit_connection()
+    connection = rabbit_connection(url)
     try:
         return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
     finally:
         connection.close()
 
 
+# -- The broker matrix ----------------------------------------------------------
+#
+# Users run RabbitMQ 4.0.5 (CloudAMQP's free plan); the machine runs 3.10.
+# A test that takes the ``broker`` fixture runs against both.
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A RabbitMQ the tests talk to, over AMQP and its rabbitmqctl."""
+
+    version: str
+    port: int
+    ctl: Callable[..., str]
+    metrics_port: int | None = None  # the rabbitmq_prometheus plugin's, where enabled
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+
+MACHINE_BROKER = Broker("3.10", 5672, machine_ctl)
+
+
+@pytest.fixture(scope="session")
+def rabbit4() -> Iterator[RabbitContainer]:
+    """A RabbitMQ 4.0.5 node in a container (RABBITMQ_IMAGE), for the whole run."""
+    node = RabbitContainer(require_tool("podman"))
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
 @pytest.fixture
-def app_queue() -> Iterator[str]:
+def broker4(rabbit4: RabbitContainer) -> Broker:
+    return Broker("4.0.5", rabbit4.port, rabbit4.ctl, rabbit4.metrics_port)
+
+
+@pytest.fixture(params=["3.10", "4.0.5"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """Each RabbitMQ of the matrix in turn."""
+    if request.param == MACHINE_BROKER.version:
+        return MACHINE_BROKER
+    return request.getfixturevalue("broker4")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def app_queue(broker: Broker) -> Iterator[str]:
     """The queue the in-process app publishes to; deleted after the test."""
     yield os.environ["QUEUE_NAME"]
-    delete_queues(os.environ["QUEUE_NAME"])
+    delete_queues(os.environ["QUEUE_NAME"], broker.url)
 
 
 @pytest.fixture
@@ -96,6 +147,14 @@ def queue_name() -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
     delete_queues(name)
+
+
+@pytest.fixture
+def broker_queue(broker: Broker) -> Iterator[str]:
+    """A queue name of this test's own on ``broker``; deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    delete_queues(name, broker.url)
 
 
 class Process:
@@ -314,8 +373,9 @@ class TcpProxy:
 
 
 @pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    proxy = TcpProxy()
+def proxy(broker: Broker) -> Iterator[TcpProxy]:
+    """A proxy to the broker of the matrix."""
+    proxy = TcpProxy(broker.port)
     yield proxy
     proxy.close()
 

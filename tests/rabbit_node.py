@@ -164,3 +164,105 @@ class RabbitNode:
         """The node's log, for a failure message."""
         logs = sorted((self.home / "log").glob("*.log"))
         return "\n".join(path.read_text(errors="replace")[-4000:] for path in logs)
+
+
+# The machine runs RabbitMQ 3.10; CloudAMQP's free plan runs 4.0.5. An image
+# of it: the official one, or a local stand-in (../shared/container/rabbitmq-image.sh).
+RABBITMQ_IMAGE = os.environ.get("RABBITMQ_IMAGE", "docker.io/library/rabbitmq:4.0.5")
+
+
+class RabbitContainer:
+    """One RabbitMQ node in a container (RABBITMQ_IMAGE), on 127.0.0.1.
+
+    The same interface as RabbitNode. Host networking, as podman works here:
+    the node has its own name and ports, and shares the machine's epmd. The
+    Prometheus plugin serves the broker's own counters (messages published
+    and delivered) on a port of its own, on loopback.
+    """
+
+    def __init__(self, podman: str, image: str = RABBITMQ_IMAGE) -> None:
+        self.podman = podman
+        self.image = image
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.metrics_port = free_port()
+        self.name = f"onebox-rmq-{self.port}"
+        self.node = f"{self.name}@localhost"
+        self.home = Path(tempfile.mkdtemp(prefix="onebox-rabbit-"))
+        self.startup_seconds = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 90) -> float:
+        """Start the container and wait until the node serves AMQP; the seconds it took."""
+        (self.home / "rabbitmq.conf").write_text(
+            f"prometheus.tcp.port = {self.metrics_port}\n"
+            "prometheus.tcp.ip = 127.0.0.1\n"
+            "disk_free_limit.absolute = 1MB\n"
+            "loopback_users = none\n"
+        )
+        (self.home / "enabled_plugins").write_text("[rabbitmq_prometheus].\n")
+        for path in (self.home, *self.home.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        started = time.monotonic()
+        subprocess.run(
+            [
+                self.podman, "run", "-d", "--pull=never", "--network", "host", "--name", self.name,
+                "-v", f"{self.home}:/etc/onebox-rabbitmq:ro",
+                "-e", f"RABBITMQ_NODENAME={self.node}",
+                "-e", f"RABBITMQ_NODE_PORT={self.port}",
+                "-e", f"RABBITMQ_DIST_PORT={self.dist_port}",
+                "-e", "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1",
+                "-e", "RABBITMQ_CONFIG_FILE=/etc/onebox-rabbitmq/rabbitmq.conf",
+                "-e", "RABBITMQ_ENABLED_PLUGINS_FILE=/etc/onebox-rabbitmq/enabled_plugins",
+                "-e", "ERL_EPMD_ADDRESS=127.0.0.1",
+                self.image,
+            ],
+            check=True, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        # await_startup fails at once while the node has not registered with epmd yet.
+        deadline = started + timeout
+        while True:
+            try:
+                self.ctl("await_startup", "--timeout", "10", timeout=30)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"RabbitMQ in {self.name} did not start:\n{self.log()}") from None
+                time.sleep(0.5)
+        self.startup_seconds = time.monotonic() - started
+        return self.startup_seconds
+
+    def ctl(self, *arguments: str, timeout: float = 60) -> str:
+        """``rabbitmqctl -n NODE arguments`` in the container; its output, or an AssertionError."""
+        result = subprocess.run(
+            [self.podman, "exec", self.name, "rabbitmqctl", "-n", self.node, *arguments],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise AssertionError(
+                f"rabbitmqctl {' '.join(arguments)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+            )
+        return result.stdout
+
+    def stop_app(self) -> None:
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.ctl("await_startup")
+
+    def set_memory_watermark(self, fraction: float) -> None:
+        self.ctl("set_vm_memory_high_watermark", format(fraction, "f"))
+
+    def stop(self) -> None:
+        subprocess.run([self.podman, "rm", "-f", "-t", "0", self.name], capture_output=True, check=False, timeout=60)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def log(self) -> str:
+        result = subprocess.run(
+            [self.podman, "logs", "--tail", "60", self.name], capture_output=True, text=True, check=False
+        )
+        return result.stdout + result.stderr

@@ -31,6 +31,7 @@ class RecordingPublisher(main.Publisher):
         return self.connected
 
     async def run(self) -> None:
+        self.ever_connected.set()
         await asyncio.Event().wait()
 
     async def publish(self, message: dramatiq.Message[Any]) -> None:

@@ -1,4 +1,4 @@
-"""The web side against the real RabbitMQ: confirms, outages, recovery."""
+"""The web side against the real RabbitMQ, each of the matrix: confirms, outages, recovery."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import msgspec
 import pika
 import pika.exceptions
 import pytest
-from conftest import RABBIT_URL, Process, TcpProxy, free_port, rabbit_connection, stack_env
+from conftest import Broker, Process, TcpProxy, free_port, rabbit_connection, stack_env
 from litestar.testing import TestClient
 
 import main
@@ -33,22 +33,22 @@ def wait_ready(client: TestClient[Any], timeout: float = 10) -> None:
 
 
 @pytest.fixture
-def client(app_queue: str) -> Iterator[TestClient[Any]]:
-    with app_client(RABBIT_URL) as client:
+def client(broker: Broker, app_queue: str) -> Iterator[TestClient[Any]]:
+    with app_client(broker.url) as client:
         wait_ready(client)
         yield client
 
 
 @pytest.fixture
-def worker(app_queue: str) -> Iterator[Process]:
+def worker(broker: Broker, app_queue: str) -> Iterator[Process]:
     """The real Dramatiq worker, consuming the app's queue."""
-    process = Process(["python", "tasks.py", "worker"], stack_env(QUEUE_NAME=app_queue))
+    process = Process(["python", "tasks.py", "worker"], stack_env(QUEUE_NAME=app_queue, CLOUDAMQP_URL=broker.url))
     yield process
     process.stop()
 
 
-def get_message(queue: str) -> tuple[pika.BasicProperties, bytes]:
-    connection = rabbit_connection()
+def get_message(queue: str, url: str) -> tuple[pika.BasicProperties, bytes]:
+    connection = rabbit_connection(url)
     try:
         method, properties, body = connection.channel().basic_get(queue, auto_ack=True)
         assert method is not None, f"no message in {queue}"
@@ -66,10 +66,12 @@ def test_a_posted_task_is_run_by_the_real_worker(client: TestClient[Any], worker
     worker.wait_for(rf"task {task_id} done seconds=1")
 
 
-def test_the_message_is_persistent_and_encoded_as_dramatiq_encodes_it(client: TestClient[Any], app_queue: str) -> None:
+def test_the_message_is_persistent_and_encoded_as_dramatiq_encodes_it(
+    client: TestClient[Any], broker: Broker, app_queue: str
+) -> None:
     task_id = client.post("/tasks", json={"seconds": 3}).json()["id"]
 
-    properties, body = get_message(app_queue)
+    properties, body = get_message(app_queue, broker.url)
     assert properties.delivery_mode == 2
     message = tasks.countdown.message(3)
     expected = {**message.asdict(), "args": [3], "message_id": task_id}
@@ -77,8 +79,8 @@ def test_the_message_is_persistent_and_encoded_as_dramatiq_encodes_it(client: Te
     assert decoded | {"message_timestamp": 0} == expected | {"message_timestamp": 0}
 
 
-def test_the_queue_is_durable(client: TestClient[Any], app_queue: str) -> None:
-    connection = rabbit_connection()
+def test_the_queue_is_durable(client: TestClient[Any], broker: Broker, app_queue: str) -> None:
+    connection = rabbit_connection(broker.url)
     channel = connection.channel()
 
     # Declaring an existing queue with other properties is refused.
@@ -87,8 +89,10 @@ def test_the_queue_is_durable(client: TestClient[Any], app_queue: str) -> None:
     connection.close()
 
 
-def test_a_task_whose_queue_is_missing_is_a_503_not_a_202(client: TestClient[Any], app_queue: str) -> None:
-    connection = rabbit_connection()
+def test_a_task_whose_queue_is_missing_is_a_503_not_a_202(
+    client: TestClient[Any], broker: Broker, app_queue: str
+) -> None:
+    connection = rabbit_connection(broker.url)
     connection.channel().queue_delete(app_queue)
     connection.close()
 
@@ -98,8 +102,10 @@ def test_a_task_whose_queue_is_missing_is_a_503_not_a_202(client: TestClient[Any
     assert response.json()["detail"] == f"queue '{app_queue}' was missing; nothing was queued"
 
 
-def test_the_queue_is_declared_again_after_it_went_missing(client: TestClient[Any], app_queue: str) -> None:
-    connection = rabbit_connection()
+def test_the_queue_is_declared_again_after_it_went_missing(
+    client: TestClient[Any], broker: Broker, app_queue: str
+) -> None:
+    connection = rabbit_connection(broker.url)
     connection.channel().queue_delete(app_queue)
     connection.close()
     client.post("/tasks", json={"seconds": 1})
@@ -162,10 +168,12 @@ def test_the_service_reconnects_by_itself_when_the_broker_returns(app_queue: str
         assert client.post("/tasks", json={"seconds": 1}).status_code == 202
 
 
-def test_the_broker_password_never_appears_in_answers_or_logs(app_queue: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_broker_password_never_appears_in_answers_or_logs(
+    broker: Broker, app_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
     secret = "hunter2-not-the-password"
     caplog.set_level(logging.DEBUG)
-    with app_client(f"amqp://guest:{secret}@127.0.0.1:5672/") as client:
+    with app_client(f"amqp://guest:{secret}@127.0.0.1:{broker.port}/") as client:
         time.sleep(1.5)
         answers = [client.post("/tasks", json={"seconds": 1}).text, client.get("/readyz").text]
 
