@@ -289,6 +289,7 @@ class TaskControl(Middleware):
         self.connection: pika.BlockingConnection | None = None
         self.channel: Any = None
         self.marker = ""
+        self.reading_since = 0.0
 
     def attach(self, connection: pika.BlockingConnection) -> None:
         """Set up on a new consumer connection; runs in its consumer thread."""
@@ -296,6 +297,7 @@ class TaskControl(Middleware):
         channel.exchange_declare(events_exchange(self.settings), "fanout", durable=True)
         # A stream consumer without a window would get 65,535 at once on LavinMQ.
         channel.basic_qos(prefetch_count=STREAM_PREFETCH)
+        self.reading_since = time.monotonic()
         self.follow(channel)
         self.marker = str(uuid.uuid4())
         marker = pika.BasicProperties(delivery_mode=2, type=SYNC, message_id=self.marker)
@@ -315,6 +317,8 @@ class TaskControl(Middleware):
         if properties.type == SYNC:
             if properties.message_id == self.marker:
                 self.caught_up.set()
+                elapsed = time.monotonic() - self.reading_since
+                logger.info("cancellations read: %d known, in %.2f s", len(self.cancelled), elapsed)
         else:
             now = time.time()
             self.cancelled[body.decode(errors="replace")] = now
