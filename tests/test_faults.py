@@ -32,7 +32,7 @@ import pika
 import psutil
 import pytest
 from conftest import Process, TcpProxy, free_port, require_tool, start_stack, wait_http
-from rabbit_node import RabbitNode
+from rabbit_node import RabbitContainer, RabbitNode
 
 HEARTBEAT = 2
 PUBLISH_TIMEOUT = 2
@@ -196,9 +196,13 @@ def wait_until_done(stack: Process, task_ids: set[str], timeout: float = 60) -> 
 # -- The rig: a private broker, a proxy, the stack ---------------------------------------
 
 
+# The machine's RabbitMQ 3.10, as a private node; or RabbitMQ 4.0.5 in a container.
+Node = RabbitNode | RabbitContainer
+
+
 @dataclass
 class Rig:
-    rabbit: RabbitNode
+    rabbit: Node
     proxy: TcpProxy
     stack: Process
     base: str
@@ -213,7 +217,7 @@ class Rig:
 
 
 @contextmanager
-def running_rig(rabbit: RabbitNode) -> Iterator[Rig]:
+def running_rig(rabbit: Node) -> Iterator[Rig]:
     """The whole stack, reaching the private node through a proxy."""
     proxy = TcpProxy(rabbit.port)
     queue = f"fault-{uuid.uuid4().hex[:10]}"
@@ -252,6 +256,18 @@ def rabbit() -> Iterator[RabbitNode]:
     try:
         seconds = node.start()
         print(f"\nprivate RabbitMQ node {node.name} on port {node.port} started in {seconds:.1f} s")
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def rabbit4() -> Iterator[RabbitContainer]:
+    """A private RabbitMQ 4.0.5 node, the version CloudAMQP's free plan runs."""
+    node = RabbitContainer(require_tool("podman"))
+    try:
+        seconds = node.start()
+        print(f"\nprivate RabbitMQ 4.0.5 node {node.name} on port {node.port} started in {seconds:.1f} s")
         yield node
     finally:
         node.stop()
@@ -543,6 +559,12 @@ def web_kill(rabbit: RabbitNode, figures: list[dict[str, Any]]) -> Trial:
         return web_killed(rig, figures)
 
 
+@pytest.fixture
+def rig4(rabbit4: RabbitContainer) -> Iterator[Rig]:
+    with running_rig(rabbit4) as rig:
+        yield rig
+
+
 # -- The tests --------------------------------------------------------------------------------
 
 
@@ -633,3 +655,35 @@ def test_every_fault_three_times_loses_no_accepted_task(
     trial = FAULTS[fault](rig, figures)
 
     assert trial.lost == 0
+
+
+# -- The same faults on RabbitMQ 4.0.5 ---------------------------------------------------------
+
+
+def test_on_rabbitmq_4_a_broker_restart_under_load_loses_no_accepted_task(
+    rig4: Rig, figures: list[dict[str, Any]]
+) -> None:
+    trial = broker_restart(rig4, figures)
+
+    assert trial.lost == 0
+    assert set(trial.answers_during_fault) <= {"202", "503"}
+    assert trial.longest_answer_during_fault <= ANSWER_BOUND
+
+
+def test_on_rabbitmq_4_a_silent_network_is_detected_in_time_and_loses_no_accepted_task(
+    rig4: Rig, figures: list[dict[str, Any]]
+) -> None:
+    trial = network_black_hole(rig4, figures)
+
+    assert trial.lost == 0
+    assert trial.details["web_detection_seconds"] <= WEB_DETECTION_BOUND
+    assert trial.details["worker_detection_seconds"] <= WORKER_DETECTION_BOUND
+
+
+def test_on_rabbitmq_4_a_blocked_broker_connection_loses_no_accepted_task(
+    rig4: Rig, figures: list[dict[str, Any]]
+) -> None:
+    trial = connection_blocked(rig4, figures)
+
+    assert trial.lost == 0
+    assert trial.longest_answer_during_fault <= ANSWER_BOUND

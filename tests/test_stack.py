@@ -9,7 +9,7 @@ import time
 
 import httpx
 import psutil
-from conftest import Process, free_port, stack_env, start_stack, wait_http
+from conftest import Broker, Process, free_port, stack_env, start_stack, wait_http
 
 
 def started_stack(stacks: list[Process], queue_name: str, **settings: str | int) -> tuple[Process, str]:
@@ -24,8 +24,8 @@ def started_stack(stacks: list[Process], queue_name: str, **settings: str | int)
     return stack, base
 
 
-def test_a_posted_countdown_runs_to_completion(stacks: list[Process], queue_name: str) -> None:
-    stack, base = started_stack(stacks, queue_name)
+def test_a_posted_countdown_runs_to_completion(stacks: list[Process], broker: Broker, broker_queue: str) -> None:
+    stack, base = started_stack(stacks, broker_queue, CLOUDAMQP_URL=broker.url)
 
     response = httpx.post(f"{base}/tasks", json={"seconds": 2})
 
@@ -122,19 +122,21 @@ def test_an_invalid_setting_stops_the_start_with_its_name_and_what_is_expected()
     assert result.stderr.strip() == "onebox: invalid setting MAX_SECONDS: Expected `int` >= 1"
 
 
-def test_each_program_holds_its_broker_connections_and_no_more(stacks: list[Process], queue_name: str) -> None:
-    stack, base = started_stack(stacks, queue_name)
+def test_each_program_holds_its_broker_connections_and_no_more(
+    stacks: list[Process], broker: Broker, broker_queue: str
+) -> None:
+    stack, base = started_stack(stacks, broker_queue, CLOUDAMQP_URL=broker.url)
     stack.wait_for(r"Worker process is ready for action")
     for _ in range(20):
         post_task(base, 1)
 
-    connections = amqp_connections_by_program(stack)
+    connections = amqp_connections_by_program(stack, broker.port)
 
     assert connections == {"web": 1, "worker": 2}
 
 
-def amqp_connections_by_program(stack: Process) -> dict[str, int]:
-    """ESTABLISHED connections to port 5672 per program, summed over its processes."""
+def amqp_connections_by_program(stack: Process, port: int) -> dict[str, int]:
+    """ESTABLISHED connections to the broker's port per program, summed over its processes."""
     counts: dict[str, int] = {}
     for child in psutil.Process(stack.popen.pid).children():
         command = " ".join(child.cmdline())
@@ -146,7 +148,7 @@ def amqp_connections_by_program(stack: Process) -> dict[str, int]:
             1
             for process in tree
             for connection in process.net_connections("tcp")
-            if connection.raddr and connection.raddr.port == 5672 and connection.status == "ESTABLISHED"
+            if connection.raddr and connection.raddr.port == port and connection.status == "ESTABLISHED"
         )
     return counts
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from conftest import Process, free_port, stack_env, start_stack, wait_http
+from conftest import Broker, Process, free_port, stack_env, start_stack, wait_http
 from litestar.testing import TestClient
 from test_api import RecordingPublisher
 
@@ -300,25 +300,30 @@ def test_a_running_countdown_stops_at_its_next_tick(stacks: list[Process], queue
     assert f"task {task_id} done" not in stack.output
 
 
-def test_a_task_cancelled_while_no_worker_runs_never_starts(stacks: list[Process], queue_name: str) -> None:
+def test_a_task_cancelled_while_no_worker_runs_never_starts(
+    stacks: list[Process], broker: Broker, broker_queue: str
+) -> None:
+    queue_name, url = broker_queue, broker.url
     port = free_port()
-    web = Process(["python", "tasks.py", "web"], stack_env(PORT=port, QUEUE_NAME=queue_name))
+    web = Process(["python", "tasks.py", "web"], stack_env(PORT=port, QUEUE_NAME=queue_name, CLOUDAMQP_URL=url))
     stacks.append(web)
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/readyz")
     task_id = httpx.post(f"{base}/tasks", json={"seconds": 2}).json()["id"]
     assert httpx.delete(f"{base}/tasks/{task_id}").json()["status"] == "cancelled"
 
-    worker = Process(["python", "tasks.py", "worker"], stack_env(QUEUE_NAME=queue_name))
+    worker = Process(["python", "tasks.py", "worker"], stack_env(QUEUE_NAME=queue_name, CLOUDAMQP_URL=url))
     stacks.append(worker)
 
     worker.wait_for(rf"task {task_id} cancelled before it started")
     assert f"task {task_id} started" not in worker.output
 
 
-def test_two_stacks_share_status_streams_and_cancellation(stacks: list[Process], queue_name: str) -> None:
-    _, first = started(stacks, queue_name)
-    _, second = started(stacks, queue_name)
+def test_two_stacks_share_status_streams_and_cancellation(
+    stacks: list[Process], broker: Broker, broker_queue: str
+) -> None:
+    _, first = started(stacks, broker_queue, CLOUDAMQP_URL=broker.url)
+    _, second = started(stacks, broker_queue, CLOUDAMQP_URL=broker.url)
     watched = httpx.post(f"{first}/tasks", json={"seconds": 2}).json()["id"]
     doomed = httpx.post(f"{first}/tasks", json={"seconds": 30}).json()["id"]
 
