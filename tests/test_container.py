@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import IN_CI, RABBIT_URL, ROOT, Process, free_port, require_tool, wait_http
+from conftest import IN_CI, RABBIT_URL, ROOT, Broker, Process, free_port, require_tool, wait_http
 
 FLY = tomllib.loads((ROOT / "fly.toml").read_text())
 RENDER = yaml.safe_load((ROOT / "render.yaml").read_text())["services"][0]
@@ -170,8 +170,10 @@ def test_the_image_is_labelled_exposes_the_settings_port_and_bakes_in_no_port_or
 # -- The whole box --------------------------------------------------------------
 
 
-def test_a_posted_countdown_runs_to_completion_in_the_container(containers: Containers, queue_name: str) -> None:
-    box = ready(containers.run(queue_name))
+def test_a_posted_countdown_runs_to_completion_in_the_container(
+    containers: Containers, broker: Broker, broker_queue: str
+) -> None:
+    box = ready(containers.run(broker_queue, broker=broker.url))
 
     task_id = post_countdown(box, 2)
 
