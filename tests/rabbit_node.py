@@ -33,9 +33,11 @@ def free_port() -> int:
 class RabbitNode:
     """One RabbitMQ node on 127.0.0.1, started and stopped by its owner."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: bool = False) -> None:
         self.account = pwd.getpwnam("rabbitmq")
         self.port = free_port()
+        # The rabbitmq_prometheus plugin's port: the broker's own message counters.
+        self.metrics_port = free_port() if metrics else None
         self.dist_port = free_port()
         self.name = f"onebox-test-{self.port}@localhost"
         self.home = Path(tempfile.mkdtemp(prefix="onebox-rabbit-"))
@@ -81,9 +83,14 @@ class RabbitNode:
             # Tests set the memory watermark by hand; keep the disk alarm out
             # of their way on a nearly full test machine.
             "disk_free_limit.absolute = 1MB\n"
+            + (
+                f"prometheus.tcp.port = {self.metrics_port}\nprometheus.tcp.ip = 127.0.0.1\n"
+                if self.metrics_port
+                else ""
+            )
         )
-        # No plugins: the management plugin would take the machine's port 15672.
-        (home / "enabled_plugins").write_text("[].\n")
+        # Not the management plugin: it would take the machine's port 15672.
+        (home / "enabled_plugins").write_text("[rabbitmq_prometheus].\n" if self.metrics_port else "[].\n")
         cookie = home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(20))
         cookie.chmod(0o400)
