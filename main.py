@@ -12,10 +12,11 @@ import contextlib
 import hmac
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
@@ -58,6 +59,9 @@ logger = logging.getLogger("onebox")
 KEEPALIVE_SECONDS = 15
 EVENT_BATCH_SECONDS = 0.05
 BODY_TIMEOUT_SECONDS = 10
+# The longest a starting web process waits to read the task events of its
+# memory window before it serves anyway (README: about 1 s per 10,000 tasks).
+REBUILD_SECONDS = 20
 # The worker's format (Dramatiq's), so that both programs read alike.
 LOG_FORMAT = "[%(asctime)s] [PID %(process)d] [%(name)s] [%(levelname)s] %(message)s"
 
@@ -128,18 +132,20 @@ def timestamp(seconds: float) -> datetime:
 
 
 class TaskBoard:
-    """The recent tasks, as this web process hears of them from the broker.
+    """The recent tasks, as this web process reads them from the broker.
 
-    Every web process consumes every task event (tasks.py publishes them) and
+    Every web process reads every task event (tasks.py's events stream) and
     keeps the newest ``task_memory_count`` tasks for ``task_memory_seconds``.
-    After a restart it knows only what it has heard since.
+    At start it reads the window's events again, so a restart forgets nothing.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tasks: OrderedDict[str, TaskView] = OrderedDict()
         self.changed: dict[str, asyncio.Event] = {}
-        self.since = datetime.now(UTC)
+
+    def window_start(self) -> datetime:
+        return datetime.now(UTC) - timedelta(seconds=self.settings.task_memory_seconds)
 
     def apply(self, event: tasks.TaskEvent) -> None:
         view = self.tasks.get(event.id)
@@ -190,8 +196,8 @@ class TaskBoard:
 
     def unknown(self, task_id: str) -> NotFoundException:
         return NotFoundException(
-            detail=f"no task {task_id} is known here: this process remembers tasks for "
-            f"{self.settings.task_memory_seconds} s and has listened since {self.since.isoformat()}; "
+            detail=f"no task {task_id} is known: tasks are remembered for {self.settings.task_memory_seconds} s "
+            f"after their last news, {self.settings.task_memory_count} at most; "
             "an older task may still be queued, running or done"
         )
 
@@ -226,6 +232,11 @@ class Publisher:
         self.sending: set[asyncio.Task[Any]] = set()
         self.problem = "not connected to the broker yet"
         self.ever_connected = asyncio.Event()
+        # The task events stream: where this process has read to, and whether
+        # it has read the past (up to a marker of its own).
+        self.offset: int | None = None
+        self.marker = ""
+        self.caught_up = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -262,18 +273,45 @@ class Publisher:
         self.channel = channel
 
     async def listen_to_events(self, channel: AbstractChannel) -> None:
-        """Hear every task event on a queue of this process's own."""
-        exchange = tasks.events_exchange(self.settings)
-        await channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
-        # Bounded: a process that falls behind drops the oldest news, not the broker.
-        declared = await channel.queue_declare("", exclusive=True, auto_delete=True, arguments={"x-max-length": 10000})
-        assert declared.queue is not None
-        await channel.queue_bind(declared.queue, exchange)
-        await channel.basic_consume(declared.queue, self.on_event, no_ack=True)
+        """Read the task events of the memory window, then follow the stream.
+
+        The first time, from a point in time: the board is rebuilt after a
+        restart. After a reconnect, from the event after the last one read:
+        nothing in between is missed, and applying an event twice changes
+        nothing. Offsets are used only within one broker, never carried over.
+        """
+        stream = tasks.events_stream(self.settings)
+        await channel.basic_qos(prefetch_count=tasks.STREAM_PREFETCH)
+        start: datetime | int = self.offset + 1 if self.offset is not None else self.board.window_start()
+        await channel.basic_consume(stream, self.on_event, arguments={"x-stream-offset": start})
+        channel.on_consumer_cancel_callbacks.add(lambda _: self.relisten(channel))
+        if not self.caught_up.is_set():
+            self.marker = str(uuid.uuid4())
+            marker = aiormq.spec.Basic.Properties(delivery_mode=2, message_type=tasks.SYNC, message_id=self.marker)
+            await channel.basic_publish(b"", routing_key=stream, properties=marker)
+
+    async def relisten(self, channel: AbstractChannel) -> None:
+        """The stream was deleted: declare it again and read it from the window's start."""
+        self.offset = None
+        await channel.queue_declare(tasks.events_stream(self.settings), durable=True, arguments=tasks.EVENTS_ARGUMENTS)
+        await self.listen_to_events(channel)
 
     async def on_event(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        if properties.message_type != tasks.SYNC:
+            self.apply_batch(message.body)
+        elif properties.message_id == self.marker and not self.caught_up.is_set():
+            self.caught_up.set()
+            logger.info("task board rebuilt: %d tasks", len(self.board.tasks))
+        offset = (properties.headers or {}).get("x-stream-offset")
+        if isinstance(offset, int):
+            self.offset = offset
+        assert message.delivery_tag is not None  # a stream consumer acknowledges
+        await message.channel.basic_ack(message.delivery_tag)
+
+    def apply_batch(self, body: bytes) -> None:
         try:
-            events = msgspec.json.decode(message.body, type=list[tasks.TaskEvent])
+            events = msgspec.json.decode(body, type=list[tasks.TaskEvent])
         except msgspec.ValidationError:
             logger.warning("ignored a malformed task event")
             return
@@ -297,7 +335,7 @@ class Publisher:
         if channel is not None and not channel.is_closed:
             body = msgspec.json.encode(batch)
             sending = asyncio.create_task(
-                channel.basic_publish(body, exchange=tasks.events_exchange(self.settings), wait=False)
+                channel.basic_publish(body, routing_key=tasks.events_stream(self.settings), wait=False)
             )
             self.sending.add(sending)
             sending.add_done_callback(self.sending.discard)
@@ -627,10 +665,12 @@ def create_app(publisher: Publisher) -> Litestar:
     async def broker_connection(_: Litestar) -> AsyncIterator[None]:
         keeper = asyncio.create_task(publisher.run())
         # Platforms route traffic once the port answers: take none before the
-        # channel is open, or a deploy's first requests get 503s. A broker that
-        # is down delays the start by publish_timeout, no more.
+        # channel is open and the task board rebuilt, or a deploy's first
+        # requests get 503s and 404s. A broker that is down delays the start
+        # by publish_timeout, no more.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(publisher.ever_connected.wait(), settings.publish_timeout)
+            await asyncio.wait_for(publisher.caught_up.wait(), REBUILD_SECONDS)
         try:
             yield
         finally:

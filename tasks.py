@@ -122,13 +122,11 @@ die_with_parent()
 # -- What onebox declares on the broker --------------------------------------------
 #
 # Web and worker declare the same queues with the same arguments (RabbitMQ
-# refuses a second declaration that differs), from this one table. On
-# CloudAMQP's free plans they count against 100 queues: the task queue, its
-# delay and dead-letter queues, the cancellation stream, plus one exclusive
-# event queue per web process; one exchange (task events).
+# refuses a second declaration that differs), from this one table: on
+# CloudAMQP's free plans, 5 of the 100 queues allowed. No exchange of its own.
 
 
-def events_exchange(settings: Settings) -> str:
+def events_stream(settings: Settings) -> str:
     return f"{settings.queue_name}.events"
 
 
@@ -148,6 +146,18 @@ CANCELLATIONS_ARGUMENTS: dict[str, Any] = {
     "x-max-length-bytes": 10_000_000,
     "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES,
 }
+# Task events for the longest TASK_MEMORY_SECONDS; 50 MB holds those of some
+# 30,000 countdowns. Fixed, not from settings: a change of setting must not
+# make the declaration differ.
+EVENTS_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "stream",
+    "x-max-age": "7D",
+    "x-max-length-bytes": 50_000_000,
+    "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES,
+}
+# The AMQP message type of a marker that a reader writes to a stream at start:
+# reading up to its own marker tells it that the past has been read.
+SYNC = "sync"
 
 
 def queues(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -159,6 +169,7 @@ def queues(settings: Settings) -> dict[str, dict[str, Any]]:
         dq_name(queue): dead_letters,
         xq_name(queue): {"x-message-ttl": DEAD_MESSAGE_TTL},
         cancellations_stream(settings): CANCELLATIONS_ARGUMENTS,
+        events_stream(settings): EVENTS_ARGUMENTS,
     }
 
 
@@ -180,7 +191,6 @@ def declare_or_exit(settings: Settings) -> None:
                 connection.channel().queue_declare(name, durable=True, arguments=arguments)
             except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ConnectionClosedByBroker) as refusal:
                 raise SystemExit(refused(name, refusal.reply_code, refusal.reply_text)) from None
-        connection.channel().exchange_declare(events_exchange(settings), "fanout", durable=True)
     finally:
         if connection.is_open:
             connection.close()
@@ -247,11 +257,12 @@ dramatiq.set_broker(broker)
 
 # -- Task events and cancellations ------------------------------------------------
 #
-# RabbitMQ is the only state shared between containers. Workers and web
-# processes publish task events to a fanout exchange; every web process keeps
-# what it hears in memory (main.py). A cancellation is a message in a durable
-# stream that every worker reads from a week ago on: a task cancelled while no
-# worker ran is still refused by the next one.
+# RabbitMQ is the only state shared between containers, in two streams. Task
+# events: workers and web processes write them, every web process reads the
+# last TASK_MEMORY_SECONDS of them at start and follows on (main.py), so a
+# restart forgets nothing. Cancellations: every worker reads a week of them at
+# start and follows on, so a task cancelled while no worker ran is still
+# refused by the next one.
 
 
 class TaskEvent(msgspec.Struct, gc=False):
@@ -263,11 +274,6 @@ class TaskEvent(msgspec.Struct, gc=False):
     seconds: int
     remaining: int
     attempt: int = 1
-
-
-# The AMQP message type of the marker a worker writes to the cancellation
-# stream at start: reading up to its own marker tells it the past has been read.
-SYNC = "sync"
 
 
 class TaskControl(Middleware):
@@ -294,7 +300,8 @@ class TaskControl(Middleware):
     def attach(self, connection: pika.BlockingConnection) -> None:
         """Set up on a new consumer connection; runs in its consumer thread."""
         channel = connection.channel()
-        channel.exchange_declare(events_exchange(self.settings), "fanout", durable=True)
+        # Events written before any web process ran are read by the first one.
+        channel.queue_declare(events_stream(self.settings), durable=True, arguments=EVENTS_ARGUMENTS)
         # A stream consumer without a window would get 65,535 at once on LavinMQ.
         channel.basic_qos(prefetch_count=STREAM_PREFETCH)
         self.reading_since = time.monotonic()
@@ -342,7 +349,7 @@ class TaskControl(Middleware):
     def flush(self) -> None:
         batch = [self.outbox.popleft() for _ in range(len(self.outbox))]
         if batch and self.channel is not None and self.channel.is_open:
-            self.channel.basic_publish(events_exchange(self.settings), "", msgspec.json.encode(batch))
+            self.channel.basic_publish("", events_stream(self.settings), msgspec.json.encode(batch))
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         # Until the stream has been read, a cancelled task would look runnable.

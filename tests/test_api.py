@@ -32,6 +32,7 @@ class RecordingPublisher(main.Publisher):
 
     async def run(self) -> None:
         self.ever_connected.set()
+        self.caught_up.set()
         await asyncio.Event().wait()
 
     async def publish(self, message: dramatiq.Message[Any]) -> None:

@@ -137,12 +137,12 @@ def test_an_accepted_task_points_to_its_status(client: TestClient[Any]) -> None:
     assert status["queued_at"] == response.json()["queued_at"]
 
 
-def test_an_unknown_task_is_a_404_that_says_what_this_process_knows(client: TestClient[Any]) -> None:
+def test_an_unknown_task_is_a_404_that_says_how_long_tasks_are_remembered(client: TestClient[Any]) -> None:
     response = client.get("/tasks/no-such-task")
 
     assert response.status_code == 404
     detail = response.json()["detail"]
-    assert detail.startswith("no task no-such-task is known here: this process remembers tasks for 3600 s")
+    assert detail.startswith("no task no-such-task is known: tasks are remembered for 3600 s after their last news")
     assert "may still be queued, running or done" in detail
 
 
