@@ -22,7 +22,9 @@ RUN = "uv run supervisord -c supervisord.conf"
 # Every line the stack writes has one of these shapes.
 LINE_SHAPES = {
     "supervisord": re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (CRIT|ERRO|WARN|INFO|DEBG|TRAC|BLAT) \S.*$"),
-    "dramatiq or onebox": re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] \[PID \d+\] (\[[^]]+\] )?\[[^]]+\] \[[A-Z]+\] \S.*$"),
+    "dramatiq or onebox": re.compile(
+        r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] \[PID \d+\] (\[[^]]+\] )?\[[^]]+\] \[[A-Z]+\] \S.*$"
+    ),
     "granian": re.compile(r"^\[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] \S.*$"),
 }
 
@@ -38,7 +40,9 @@ def test_the_readme_run_command_is_the_one_tested() -> None:
 def test_output_redirected_to_a_file_keeps_every_line_whole(tmp_path: Path, queue_name: str) -> None:
     require_tool("uv")
     log, port = tmp_path / "onebox.log", free_port()
-    stack = Process(["bash", "-c", f"{RUN} > {shlex.quote(str(log))}"], stack_env(PORT=port, QUEUE_NAME=queue_name))
+    stack = Process(
+        ["bash", "-c", f"exec {RUN} > {shlex.quote(str(log))}"], stack_env(PORT=port, QUEUE_NAME=queue_name)
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=30)
         task_id = httpx.post(f"http://127.0.0.1:{port}/tasks", json={"seconds": 2}).json()["id"]
