@@ -16,6 +16,7 @@ timer would.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import httpx
@@ -41,14 +43,16 @@ class Project:
 
     name: str
     env: dict[str, str]
+    directory: Path = ROOT
+    files: tuple[str, ...] = ("compose.yaml", "compose.host.yaml")
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         podman_compose = str(Path(sys.executable).parent / "podman-compose")
-        command = [podman_compose, "-p", self.name, "-f", "compose.yaml", "-f", "compose.host.yaml"]
+        command = [podman_compose, "-p", self.name, *chain(*(("-f", file) for file in self.files))]
         # No registry here: never pull; the build step needs the host's network too.
         command += ["--podman-build-args=--network host --pull=never", "--podman-run-args=--pull=never", *args]
         return subprocess.run(
-            command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+            command, check=False, cwd=self.directory, env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
     def compose(self, *args: str, timeout: float = 120) -> None:
@@ -134,3 +138,47 @@ def test_compose_up_runs_a_countdown_and_down_leaves_nothing(project: Project) -
 
     assert elapsed < STOP_BUDGET
     assert project.leftovers() == {}
+
+
+def test_the_development_variant_restarts_web_and_worker_on_a_change_of_the_checkout(
+    project: Project, tmp_path: Path
+) -> None:
+    # A copy of the checkout, so that the test can edit it.
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file() and not name.startswith(("tests/", "bench/", "docs/")):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tmp_path / name)
+    tmp_path.chmod(0o755)  # the container's user reads the checkout
+    project.directory, project.files = tmp_path, (*project.files, "compose.dev.yaml")
+    project.compose("up", "--build", "-d", timeout=600)
+    wait_http(project.url("/readyz"), timeout=90)
+    logs = Process(["podman", "logs", "--follow", project.container("onebox")], env=dict(os.environ))
+    try:
+        logs.wait_for(r"Worker process is ready for action", timeout=60)
+        start = len(logs.lines)
+        settings = tmp_path / "settings.toml"
+        settings.write_text(settings.read_text().replace("\nmax_seconds = 300\n", "\nmax_seconds = 7\n"))
+
+        deadline = time.monotonic() + 90
+        while "<= 7" not in (detail := too_long_countdown_detail(project)):
+            assert time.monotonic() < deadline, f"the web server still says {detail!r}"
+            time.sleep(0.5)
+        logs.wait_for(r"Sending signal 'SIGHUP' to subprocesses", start=start, timeout=30)
+        logs.wait_for(r"Worker process is ready for action", start=start, timeout=60)
+    finally:
+        logs.stop()
+
+
+def too_long_countdown_detail(project: Project) -> str:
+    try:
+        response = httpx.post(project.url("/tasks"), json={"seconds": 8}, timeout=5)
+    except httpx.HTTPError as error:
+        return repr(error)
+    return str(response.json().get("detail", response.status_code))
