@@ -61,7 +61,7 @@ def eventually(check: Callable[[], None], timeout: float = 60) -> None:
 
 
 def test_a_settings_change_restarts_web_and_worker_and_both_serve_it(
-    stacks: list[Process], queue_name: str, tmp_path: Path
+    queue_name: str, stacks: list[Process], tmp_path: Path
 ) -> None:
     directory = copy_of_the_service(tmp_path, log_level='"WARNING"')
     stack, base = start_reloading_stack(stacks, directory, queue_name)
@@ -85,7 +85,7 @@ def test_a_settings_change_restarts_web_and_worker_and_both_serve_it(
 
 
 def test_a_code_change_restarts_web_and_worker_on_the_new_code_and_other_files_do_not(
-    stacks: list[Process], queue_name: str, tmp_path: Path
+    queue_name: str, stacks: list[Process], tmp_path: Path
 ) -> None:
     directory = copy_of_the_service(tmp_path)
     stack, _ = start_reloading_stack(stacks, directory, queue_name)
