@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -71,6 +72,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rate_limit_per_minute: Annotated[int, Meta(ge=0, le=1_000_000)]
     client_ip_header: Annotated[str, Meta(pattern=r"^[A-Za-z0-9-]*$")]
     cors_origins: str
+    # Development: restart web and worker when main.py, tasks.py or settings.toml change.
+    reload: bool
 
     def __post_init__(self) -> None:
         if self.queue_prefetch < self.worker_threads:
@@ -416,6 +419,10 @@ def countdown(seconds: int) -> None:
     control.emit(TaskEvent(task_id, "succeeded", time.time(), seconds, 0, tries))
 
 
+# What the RELOAD setting watches.
+RELOAD_FILES = ("main.py", "tasks.py", SETTINGS_FILE.name)
+
+
 def run_web() -> NoReturn:
     """Replace this process with granian serving main:app."""
     declare_or_exit(settings)
@@ -433,7 +440,19 @@ def run_web() -> NoReturn:
         # A long response must not hold a stop past the grace period.
         "--workers-kill-timeout": str(settings.stop_grace),
     }
-    os.execv(sys.executable, [sys.executable, "-m", "granian", "main:app", *chain(*options.items())])
+    reload = [
+        "--reload",
+        "--reload-paths",
+        str(SETTINGS_FILE.parent),
+        # Names are matched one path part at a time: every other file is ignored.
+        "--reload-ignore-patterns",
+        f"^(?!({'|'.join(map(re.escape, RELOAD_FILES))})$)",
+        # A change that does not import leaves granian waiting for the next one
+        # instead of exiting, which supervisord would count as a crash.
+        "--reload-ignore-worker-failure",
+    ]
+    flags = reload if settings.reload else []
+    os.execv(sys.executable, [sys.executable, "-m", "granian", "main:app", *chain(*options.items()), *flags])
 
 
 def run_worker() -> NoReturn:
@@ -448,7 +467,11 @@ def run_worker() -> NoReturn:
         "--threads": str(settings.worker_threads),
         "--worker-shutdown-timeout": str(settings.stop_grace * 1000),
     }
-    os.execv(sys.executable, [sys.executable, "-m", "dramatiq", "tasks", *chain(*options.items())])
+    # watchdog (7+) matches a pattern against the whole path.
+    watch = ["--watch", str(SETTINGS_FILE.parent)]
+    watch += chain(*(("--watch-include", str(SETTINGS_FILE.with_name(name))) for name in RELOAD_FILES))
+    flags = watch if settings.reload else []
+    os.execv(sys.executable, [sys.executable, "-m", "dramatiq", "tasks", *chain(*options.items()), *flags])
 
 
 if __name__ == "__main__":
