@@ -1,6 +1,6 @@
 """onebox on each RabbitMQ of the matrix, in one run on one machine:
 
-    uv run python bench/brokers.py            # 5 rounds and 100 pickups per broker
+    uv run python bench/brokers.py            # 10 rounds and 100 pickups per broker
     uv run python bench/brokers.py --quick    # 1 short round and 8 pickups per broker (CI)
 
 The brokers: the machine's RabbitMQ 3.10 on 127.0.0.1:5672, and RabbitMQ
@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -51,8 +52,9 @@ from stacks import QUEUES, Scratch, Stack, new_queue, onebox
 sys.path.append(str(ROOT / "tests"))
 from rabbit_node import RABBITMQ_IMAGE, RabbitContainer
 
-# runs: enqueue rounds per broker; pickups: tasks per broker.
-FULL = Plan(runs=5, round_seconds=5, levels=(PEAK_CLIENTS,), pickups=100, countdowns=0, delay_ms=0)
+# runs: enqueue rounds per broker, an even number so that each goes first as often;
+# pickups: tasks per broker.
+FULL = Plan(runs=10, round_seconds=5, levels=(PEAK_CLIENTS,), pickups=100, countdowns=0, delay_ms=0)
 QUICK = Plan(runs=1, round_seconds=2, levels=(PEAK_CLIENTS,), pickups=8, countdowns=0, delay_ms=0)
 
 
@@ -145,6 +147,16 @@ def summary(rounds: list[dict[str, float]], delays: list[float]) -> dict[str, An
     }
 
 
+def paired_ratios(enqueued: dict[str, list[dict[str, float]]]) -> dict[str, list[float]]:
+    """Each broker's req/s over the first one's, round by round: the two
+    rounds of a pair run back to back, so the machine's load weighs on both."""
+    first, *others = enqueued
+    return {
+        label: [mine["rps"] / theirs["rps"] for mine, theirs in zip(enqueued[label], enqueued[first], strict=True)]
+        for label in others
+    }
+
+
 def markdown(results: dict[str, Any]) -> str:
     plan, noise = results["plan"], results["noise"]
     lines = [
@@ -168,10 +180,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"{figures['enqueue']['cpu_us_per_request']:.0f} µs CPU per request"
         for label, figures in results["figures"].items()
     )
+    first = next(iter(results["figures"]))
+    pairs = "; ".join(
+        f"{label} made {statistics.median(ratios):.2f}x {first}'s req/s "
+        f"(median of {len(ratios)} pairs of rounds run back to back, {min(ratios):.2f}-{max(ratios):.2f}x)"
+        for label, ratios in noise["rps_ratio_by_round"].items()
+    )
     lines += [
         "",
         f"Noise: rounds ranged {spreads}; load average (1 min) {min(noise['load_1min']):.1f}"
-        f"-{max(noise['load_1min']):.1f} on {results['machine']['cores']} cores, shared with other test runs.",
+        f"-{max(noise['load_1min']):.1f} on {results['machine']['cores']} cores, shared with other test runs. "
+        f"{pairs}.",
         "",
     ]
     return "\n".join(lines)
@@ -210,7 +229,7 @@ def main() -> None:
         "versions": versions,
         "plan": asdict(plan),
         "figures": {label: summary(enqueued[label], delays[label]) for label in versions},
-        "noise": {"load_1min": loads},
+        "noise": {"load_1min": loads, "rps_ratio_by_round": paired_ratios(enqueued)},
         "rounds": enqueued,
         "pickup_delays_ms": {label: [delay * 1000 for delay in values] for label, values in delays.items()},
         # What was made, for checking that nothing of it is left.

@@ -49,6 +49,10 @@ def test_each_broker_of_the_matrix_is_measured(bench: tuple[dict[str, Any], Path
         assert 0 < enqueue["p50_ms"] <= enqueue["p99_ms"], label
         assert pickup["samples"] == results["plan"]["pickups"], label
         assert 0 < pickup["p50_ms"] <= pickup["p99_ms"], label
+    # 4.0.5 against 3.10 in rounds run back to back: one ratio per round.
+    ratios = results["noise"]["rps_ratio_by_round"]["4.0.5"]
+    assert len(ratios) == results["plan"]["runs"]
+    assert all(ratio > 0 for ratio in ratios)
 
 
 def test_every_2xx_is_a_message_in_the_queue(bench: tuple[dict[str, Any], Path]) -> None:
