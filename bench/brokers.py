@@ -114,7 +114,9 @@ def stacks(scratch: Scratch, brokers: list[Broker]) -> Iterator[dict[str, Pair]]
         yield running
 
 
-def enqueue(running: dict[str, Pair], brokers: list[Broker], plan: Plan, loads: list[float]) -> dict[str, Any]:
+def enqueue(
+    running: dict[str, Pair], brokers: list[Broker], plan: Plan, loads: list[float]
+) -> dict[str, list[dict[str, float]]]:
     """run.py's figure 1 at 64 clients, one round per broker in turn; the
     load average after each round goes to ``loads``."""
     results: dict[str, list[dict[str, float]]] = {broker.label: [] for broker in brokers}
