@@ -160,29 +160,29 @@ def running(*processes: Process) -> Iterator[None]:
 # -- RabbitMQ ------------------------------------------------------------------
 
 
-def _channel_call(action: Any) -> Any:
-    connection = pika.BlockingConnection(pika.URLParameters(RABBIT_URL))
+def _channel_call(action: Any, url: str = RABBIT_URL) -> Any:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         return action(connection.channel())
     finally:
         connection.close()
 
 
-def queue_depth(queue: str) -> int:
+def queue_depth(queue: str, url: str = RABBIT_URL) -> int:
     """Messages ready in ``queue``; with no consumer, every message in it."""
-    return int(_channel_call(lambda channel: channel.queue_declare(queue, passive=True).method.message_count))
+    return int(_channel_call(lambda channel: channel.queue_declare(queue, passive=True).method.message_count, url))
 
 
-def purge(queue: str) -> None:
-    _channel_call(lambda channel: channel.queue_purge(queue))
+def purge(queue: str, url: str = RABBIT_URL) -> None:
+    _channel_call(lambda channel: channel.queue_purge(queue), url)
 
 
-def delete_queues(*names: str) -> None:
+def delete_queues(*names: str, url: str = RABBIT_URL) -> None:
     def delete(channel: Any) -> None:
         for name in names:
             channel.queue_delete(name)
 
-    _channel_call(delete)
+    _channel_call(delete, url)
 
 
 def _rabbitmqctl_names(kind: str) -> list[str]:
@@ -220,14 +220,14 @@ def sweep(prefixes: list[str]) -> None:
     _channel_call(delete)
 
 
-def settled_depth(queue: str, expected: int, timeout: float = 5) -> int:
+def settled_depth(queue: str, expected: int, timeout: float = 5, url: str = RABBIT_URL) -> int:
     """The queue's depth once it stops growing: a publisher without confirms
     may still have messages on the way when its 2xx has been counted."""
     deadline = time.monotonic() + timeout
-    depth = queue_depth(queue)
+    depth = queue_depth(queue, url)
     while depth < expected and time.monotonic() < deadline:
         time.sleep(0.1)
-        depth = queue_depth(queue)
+        depth = queue_depth(queue, url)
     return depth
 
 
@@ -247,8 +247,8 @@ def unacknowledged(queue: str) -> int:
     raise RuntimeError(f"queue {queue!r} not listed by rabbitmqctl")
 
 
-def rabbitmq_version() -> str:
-    connection = pika.BlockingConnection(pika.URLParameters(RABBIT_URL))
+def rabbitmq_version(url: str = RABBIT_URL) -> str:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         version = connection._impl.server_properties["version"]
     finally:

@@ -117,14 +117,14 @@ def load_rounds(stack: Stack, plan: Plan, script: str = "post.lua") -> dict[str,
     rounds: dict[str, dict[str, float]] = {}
     for clients in plan.levels:
         if stack.queue is not None:
-            purge(stack.queue)
+            purge(stack.queue, stack.broker_url)
         spent = cpu_seconds(stack.processes)
         result = wrk(stack.url, clients, plan.round_seconds, script)
         # What a request costs the stack's processes: a figure the noise of a
         # shared machine moves less than req/s.
         result["cpu_us_per_request"] = (cpu_seconds(stack.processes) - spent) / result["accepted"] * 1e6
         if stack.queue is not None:
-            queued = settled_depth(stack.queue, int(result["accepted"]))
+            queued = settled_depth(stack.queue, int(result["accepted"]), url=stack.broker_url)
             result |= {"queued": queued, "missing": max(0, int(result["accepted"]) - queued)}
         rounds[str(clients)] = result
     return rounds
@@ -179,24 +179,31 @@ def rate_limiter(plan: Plan, scratch: Scratch) -> dict[str, dict[str, float]]:
 # -- Figures 3 to 6: the whole stack, from launch to peak -------------------------------------
 
 
-def pickup(stack: Stack, samples: int) -> dict[str, float]:
-    """POST sent → the actor's start line, one task at a time."""
-    delays: list[float] = []
-    with httpx.Client(timeout=10) as client:
-        for _ in range(samples):
-            mark = len(stack.log.lines)
-            sent = time.time()
-            response = client.post(stack.url, json={"seconds": 1})
-            if response.status_code != 202:
-                raise RuntimeError(f"{stack.name}: POST /tasks answered {response.status_code}: {response.text}")
-            line = stack.log.wait_for(rf"task {response.json()['id']} started", 10, start=mark)
-            delays.append(log_time(line) - sent)
-            time.sleep(max(0.0, sent + PICKUP_GAP - time.time()))
+def pickup_delay(stack: Stack, client: httpx.Client) -> float:
+    """POST sent → the actor's start line, in seconds, for one task; returns
+    once ``PICKUP_GAP`` has passed since the POST."""
+    mark = len(stack.log.lines)
+    sent = time.time()
+    response = client.post(stack.url, json={"seconds": 1})
+    if response.status_code != 202:
+        raise RuntimeError(f"{stack.name}: POST /tasks answered {response.status_code}: {response.text}")
+    line = stack.log.wait_for(rf"task {response.json()['id']} started", 10, start=mark)
+    time.sleep(max(0.0, sent + PICKUP_GAP - time.time()))
+    return log_time(line) - sent
+
+
+def pickup_figures(delays: list[float]) -> dict[str, float]:
     return {
         "p50_ms": percentile(delays, 0.50) * 1000,
         "p99_ms": percentile(delays, 0.99) * 1000,
         "samples": len(delays),
     }
+
+
+def pickup(stack: Stack, samples: int) -> dict[str, float]:
+    """POST sent → the actor's start line, one task at a time."""
+    with httpx.Client(timeout=10) as client:
+        return pickup_figures([pickup_delay(stack, client) for _ in range(samples)])
 
 
 def idle_sample(stack: Stack) -> dict[str, Any]:

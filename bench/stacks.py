@@ -70,6 +70,8 @@ class Stack:
     """POST /tasks."""
     queue: str | None
     launched: float
+    broker_url: str = RABBIT_URL
+    """Where the queue is: its queues are deleted there."""
     log: Process = field(init=False)
     """The process whose output carries the worker's log lines."""
 
@@ -90,7 +92,7 @@ class Stack:
                 process.kill() if kill else process.stop()
         finally:
             if self.queue is not None:
-                delete_queues(*queue_family(self.queue))
+                delete_queues(*queue_family(self.queue), url=self.broker_url)
 
 
 def paused_config(scratch: Scratch) -> Path:
@@ -122,7 +124,7 @@ def onebox(
     )
     launched = time.time()
     process = Process([str(scratch.venv / "bin" / "supervisord"), "-c", str(config)], env)
-    return Stack("onebox", [process], f"http://127.0.0.1:{port}/tasks", queue, launched)
+    return Stack("onebox", [process], f"http://127.0.0.1:{port}/tasks", queue, launched, broker_url)
 
 
 def plain(queue: str, *, worker: bool = True, broker_url: str = RABBIT_URL) -> Stack:
@@ -135,7 +137,7 @@ def plain(queue: str, *, worker: bool = True, broker_url: str = RABBIT_URL) -> S
     processes = [Process([*uvicorn, "--no-access-log"], env, cwd=PLAIN)]
     if worker:
         processes.append(Process([PYTHON, "-m", "dramatiq", "app"], env, cwd=PLAIN))
-    return Stack("comparison", processes, f"http://127.0.0.1:{port}/tasks", queue, launched)
+    return Stack("comparison", processes, f"http://127.0.0.1:{port}/tasks", queue, launched, broker_url)
 
 
 def bare(scratch: Scratch) -> Stack:
