@@ -405,13 +405,14 @@ class Publisher:
 
 
 async def require_token(connection: ASGIConnection[Any, Any, Any, Any], __: BaseRouteHandler) -> None:
-    """With API_TOKEN set, changing state takes "Authorization: Bearer <token>".
+    """With API_TOKEN set, every /tasks route takes "Authorization: Bearer <token>".
 
-    An app guard installed only when a token is set, and async: for every
-    request Litestar copies the handler for each guard, and runs a sync guard
-    in a thread.
+    Task ids, results and cancellation are each client's business; the page,
+    the docs and the health checks stay open. An app guard installed only
+    when a token is set, and async: for every request Litestar copies the
+    handler for each guard, and runs a sync guard in a thread.
     """
-    if connection.scope.get("method") not in ("POST", "DELETE"):
+    if not connection.scope["path"].startswith("/tasks"):
         return
     token = connection.app.state.settings.api_token
     scheme, _, offered = connection.headers.get("authorization", "").partition(" ")
@@ -561,25 +562,76 @@ async def get_task(task_id: FromPath[str], publisher: NamedDependency[Publisher]
     raise publisher.board.unknown(task_id)
 
 
-@get("/tasks/{task_id:str}/events", responses=TASK_NOT_FOUND, summary="A task's changes, live")
-async def task_events(task_id: FromPath[str], publisher: NamedDependency[Publisher]) -> ServerSentEvent:
+class StreamSlots:
+    """How many live event streams are open, in all and per client.
+
+    A stream holds a connection and a coroutine for as long as its task runs:
+    unbounded, a few thousand from one address would starve every other
+    request of the process.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.total, self.per_client = settings.max_event_streams, settings.max_event_streams_per_client
+        self.held: dict[str, int] = {}
+
+    def take(self, client: str) -> None:
+        if self.held.get(client, 0) >= self.per_client:
+            raise ClientException(
+                status_code=429,
+                detail=f"this client has {self.per_client} event streams open, the most it may",
+                headers={"Retry-After": "5"},
+            )
+        if sum(self.held.values()) >= self.total:
+            raise ServiceUnavailableException(
+                detail=f"this server has {self.total} event streams open, the most it holds; poll GET /tasks/{{id}}",
+                headers={"Retry-After": "5"},
+            )
+        self.held[client] = self.held.get(client, 0) + 1
+
+    def give_back(self, client: str) -> None:
+        if (left := self.held.pop(client) - 1) > 0:
+            self.held[client] = left
+
+
+@get(
+    "/tasks/{task_id:str}/events",
+    responses={
+        **TASK_NOT_FOUND,
+        429: ResponseSpec(
+            Problem, description="This client's streams are all open.", media_type="application/problem+json"
+        ),
+        503: ResponseSpec(
+            Problem, description="The server's streams are all open.", media_type="application/problem+json"
+        ),
+    },
+    summary="A task's changes, live",
+)
+async def task_events(
+    task_id: FromPath[str], publisher: NamedDependency[Publisher], request: Request[Any, Any, Any]
+) -> ServerSentEvent:
     """Server-Sent Events: the task after each change (event = its status), until it ends."""
     board = publisher.board
     if task_id not in board.tasks:
         raise board.unknown(task_id)
+    slots: StreamSlots = request.app.state.streams
+    client = client_address(request)
+    slots.take(client)
 
     async def changes() -> AsyncIterator[ServerSentEventMessage]:
-        sent = b""
-        while view := board.tasks.get(task_id):
-            current = msgspec.json.encode(view)
-            if current != sent:
-                yield ServerSentEventMessage(data=current.decode(), event=view.status)
-                sent = current
-            if view.status in FINISHED:
-                return
-            if not await board.wait_for_change(task_id, KEEPALIVE_SECONDS):
-                # Proxies close a connection that stays silent too long.
-                yield ServerSentEventMessage(comment="keep-alive", data=None)
+        try:
+            sent = b""
+            while view := board.tasks.get(task_id):
+                current = msgspec.json.encode(view)
+                if current != sent:
+                    yield ServerSentEventMessage(data=current.decode(), event=view.status)
+                    sent = current
+                if view.status in FINISHED:
+                    return
+                if not await board.wait_for_change(task_id, KEEPALIVE_SECONDS):
+                    # Proxies close a connection that stays silent too long.
+                    yield ServerSentEventMessage(comment="keep-alive", data=None)
+        finally:
+            slots.give_back(client)
 
     return ServerSentEvent(changes())
 
@@ -648,7 +700,7 @@ def problem_details(error: HTTPException) -> ProblemDetailsException:
     headers = dict(error.headers or {})
     if error.status_code == 429:
         # Litestar's limiter says when its window resets; clients read Retry-After.
-        headers["Retry-After"] = headers.get("RateLimit-Reset", "60")
+        headers.setdefault("Retry-After", headers.get("RateLimit-Reset", "60"))
     return ProblemDetailsException(
         status_code=error.status_code,
         title=HTTPStatus(error.status_code).phrase,
@@ -703,7 +755,7 @@ def create_app(publisher: Publisher) -> Litestar:
         guards=[require_token] if settings.api_token else None,
         dependencies={"publisher": Provide(lambda: publisher, use_cache=True, sync_to_thread=False)},
         lifespan=[broker_connection],
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "streams": StreamSlots(settings)}),
         middleware=middleware,
         cors_config=CORSConfig(allow_origins=origins, allow_headers=["Authorization", "Content-Type"])
         if origins

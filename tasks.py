@@ -70,6 +70,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_level: Annotated[str, Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")]
     api_token: Annotated[str, Meta(pattern=r"^(|[\x21-\x7e]{16,})$", description="empty, or 16+ visible characters")]
     rate_limit_per_minute: Annotated[int, Meta(ge=0, le=1_000_000)]
+    max_event_streams: Annotated[int, Meta(ge=1, le=100_000)]
+    max_event_streams_per_client: Annotated[int, Meta(ge=1, le=1000)]
     client_ip_header: Annotated[str, Meta(pattern=r"^[A-Za-z0-9-]*$")]
     cors_origins: str
     # Development: restart web and worker when main.py, tasks.py or settings.toml change.
