@@ -22,9 +22,7 @@ from typing import Annotated, Any, Literal, cast
 import aiormq
 import dramatiq
 import msgspec
-from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage, FieldTable
-from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
-from dramatiq.common import dq_name, xq_name
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from litestar import Litestar, MediaType, Request, Response, delete, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
@@ -305,11 +303,9 @@ class Publisher:
         """Declare the queue and its delay and dead-letter queues exactly as
         Dramatiq's worker does; RabbitMQ refuses a second declaration that
         differs, so the real worker's start proves these arguments."""
-        queue = self.settings.queue_name
-        dead_letters: FieldTable = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
-        await channel.queue_declare(queue, durable=True, arguments=dead_letters)
-        await channel.queue_declare(dq_name(queue), durable=True, arguments=dead_letters)
-        await channel.queue_declare(xq_name(queue), durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL})
+        arguments = tasks.queue_arguments(self.settings.queue_name, self.settings.queue_type)
+        for name, queue_arguments in arguments.items():
+            await channel.queue_declare(name, durable=True, arguments=queue_arguments)
         await channel.queue_declare(
             tasks.cancellations_stream(self.settings), durable=True, arguments=tasks.CANCELLATIONS_ARGUMENTS
         )

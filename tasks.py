@@ -26,7 +26,8 @@ import msgspec
 import pika
 import pika.exceptions
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
+from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 from msgspec import Meta
 
@@ -65,6 +66,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rate_limit_per_minute: Annotated[int, Meta(ge=0, le=1_000_000)]
     client_ip_header: Annotated[str, Meta(pattern=r"^[A-Za-z0-9-]*$")]
     cors_origins: str
+    # RabbitMQ cluster (README, "Scaling out").
+    queue_type: Annotated[str, Meta(pattern="^(classic|quorum)$")]
 
     def __post_init__(self) -> None:
         if self.queue_prefetch < self.worker_threads:
@@ -113,14 +116,40 @@ PR_SET_PDEATHSIG = 1
 die_with_parent()
 
 
+def queue_arguments(queue: str, queue_type: str) -> dict[str, dict[str, Any]]:
+    """The declaration arguments of the task queue, its delay queue and its
+    dead-letter queue, by name: what both web and worker declare.
+
+    RabbitMQ refuses a declaration that differs from the queue's, so this is
+    their one source. ``classic`` adds no x-queue-type, as Dramatiq declares,
+    so that queues made by earlier versions (and LavinMQ's) are still equal.
+    """
+    kind = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+    dead_letters = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue), **kind}
+    return {
+        queue: dead_letters,
+        dq_name(queue): dead_letters,
+        # Messages expire head first: the TTL must be the same for all.
+        xq_name(queue): {"x-message-ttl": DEAD_MESSAGE_TTL, **kind},
+    }
+
+
 class Broker(RabbitmqBroker):
-    """Dramatiq's RabbitMQ broker, holding no connection it does not use.
+    """Dramatiq's RabbitMQ broker, holding no connection it does not use, and
+    declaring its queues with ``queue_arguments`` (Dramatiq knows no queue type).
 
     Declaring the queues opens a connection in each consumer thread, which
     then idles for the life of the worker; a stock worker holds four
     connections for one queue. Closing it after the declaration leaves one
     connection per consumed queue (the queue and its delay queue).
     """
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        return queue_arguments(queue_name, settings.queue_type)[queue_name]
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        arguments = queue_arguments(queue_name, settings.queue_type)[xq_name(queue_name)]
+        return self.channel.queue_declare(queue=xq_name(queue_name), durable=True, arguments=arguments)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> dramatiq.Consumer:
         consumer = super().consume(queue_name, prefetch, timeout)
