@@ -92,8 +92,18 @@ class Cluster:
     def ctl(self, node: Node, *args: str, tool: str = "rabbitmqctl", timeout: float = 120) -> str:
         return podman("exec", node.container, tool, "-n", node.name, *args, timeout=timeout)
 
-    def await_startup(self, node: Node) -> None:
-        self.ctl(node, "await_startup", "--timeout", "90")
+    def await_startup(self, node: Node, timeout: float = 90) -> None:
+        # await_startup fails at once while the Erlang node runs but its
+        # rabbit application has not begun to boot.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ctl(node, "await_startup", "--timeout", str(int(timeout)))
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def kill(self, node: Node) -> None:
         """SIGKILL: the node dies with whatever it had not written."""
@@ -101,8 +111,14 @@ class Cluster:
         podman("wait", node.container)
 
     def stop(self, node: Node) -> None:
-        """SIGTERM, as an upgrade stops a node: it hands over its leaders first."""
-        podman("stop", "--time=60", node.container)
+        """Shut the node down as an upgrade does: it hands its leaderships over first.
+
+        (The image's rabbitmq-server ignores the SIGTERM of ``podman stop``.)
+        """
+        # The container ends with the node, and takes the command down with it.
+        command = ["podman", "exec", node.container, "rabbitmqctl", "-n", node.name, "shutdown"]
+        subprocess.run(command, check=False, capture_output=True, timeout=120)
+        podman("wait", node.container)
 
     def restart(self, node: Node) -> None:
         """Start a stopped node's container again, with its data, and wait for it."""
