@@ -1,7 +1,7 @@
 """The price of replication: enqueue at 64 clients on a three-node RabbitMQ 4
 cluster, quorum queues against classic ones, in one run on one machine.
 
-    uv run python bench/replication.py            # 3 rounds of each, alternating
+    uv run python bench/replication.py            # 3 rounds of each, alternating (--rounds N)
     uv run python bench/replication.py --quick    # one short round of each
 
 Needs podman, wrk and RABBITMQ_IMAGE (tests/cluster.py starts the cluster).
@@ -49,8 +49,10 @@ def purge(url: str, queue: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one 2-second round of each")
-    quick = parser.parse_args().quick
-    rounds, seconds = (1, 2.0) if quick else (3, 5.0)
+    parser.add_argument("--rounds", type=int, default=3, help="5-second rounds of each, alternating")
+    arguments = parser.parse_args()
+    quick = arguments.quick
+    rounds, seconds = (1, 2.0) if quick else (arguments.rounds, 5.0)
     cluster = Cluster(3)
     try:
         say(f"cluster of 3 nodes started in {cluster.start():.1f} s")

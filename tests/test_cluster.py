@@ -417,7 +417,7 @@ def test_every_queue_the_work_depends_on_has_a_member_on_every_node(quorum_stack
     assert all(node.name in line for node in cluster.nodes)
 
 
-def test_a_web_process_on_queues_of_the_other_type_is_not_ready_and_says_why(
+def test_a_stack_on_queues_of_the_other_type_is_refused_by_the_broker_and_says_why(
     cluster_proxy: ClusterProxy, quorum_stacks: Stacks
 ) -> None:
     port = free_port()
@@ -429,10 +429,12 @@ def test_a_web_process_on_queues_of_the_other_type_is_not_ready_and_says_why(
         while "x-queue-type" not in (detail := readiness_problem(f"http://127.0.0.1:{port}/readyz")):
             assert time.monotonic() < deadline, f"last readiness problem: {detail!r}; output:\n{stack.tail}"
             time.sleep(0.2)
+        worker = stack.wait_for(r"Consumer encountered a connection error.*", timeout=40).string
     finally:
         stack.stop()
 
     assert "inequivalent arg 'x-queue-type'" in detail
+    assert "inequivalent arg 'x-queue-type'" in worker
 
 
 def readiness_problem(url: str) -> str:
