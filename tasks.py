@@ -121,8 +121,8 @@ def queue_arguments(queue: str, queue_type: str) -> dict[str, dict[str, Any]]:
     dead-letter queue, by name: what both web and worker declare.
 
     RabbitMQ refuses a declaration that differs from the queue's, so this is
-    their one source. ``classic`` adds no x-queue-type, as Dramatiq declares,
-    so that queues made by earlier versions (and LavinMQ's) are still equal.
+    their one source. ``classic`` adds nothing: the arguments stay exactly
+    those Dramatiq declares, as onebox has always declared them.
     """
     kind = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
     dead_letters = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue), **kind}
