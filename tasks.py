@@ -76,6 +76,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     cors_origins: str
     # Development: restart web and worker when main.py, tasks.py or settings.toml change.
     reload: bool
+    # RabbitMQ cluster (README, "Scaling out").
+    queue_type: Annotated[str, Meta(pattern="^(classic|quorum)$")]
 
     def __post_init__(self) -> None:
         if self.queue_prefetch < self.worker_threads:
@@ -166,13 +168,20 @@ SYNC = "sync"
 
 
 def queues(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every queue onebox's work depends on, with its declaration arguments."""
+    """Every queue onebox's work depends on, with its declaration arguments.
+
+    The task queue and its delay and dead-letter queues are of QUEUE_TYPE;
+    ``classic`` adds nothing, so that they stay exactly as Dramatiq declares
+    them (README, "Scaling out").
+    """
     queue = settings.queue_name
-    dead_letters = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+    kind = {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else {}
+    dead_letters = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue), **kind}
     return {
         queue: dead_letters,
         dq_name(queue): dead_letters,
-        xq_name(queue): {"x-message-ttl": DEAD_MESSAGE_TTL},
+        # Messages expire head first: the TTL must be the same for all.
+        xq_name(queue): {"x-message-ttl": DEAD_MESSAGE_TTL, **kind},
         cancellations_stream(settings): CANCELLATIONS_ARGUMENTS,
         events_stream(settings): EVENTS_ARGUMENTS,
     }
@@ -216,8 +225,8 @@ def refused(queue: str, code: int, reason: str) -> str:
 
 
 class Broker(RabbitmqBroker):
-    """Dramatiq's RabbitMQ broker, declaring from the table above and holding
-    no connection it does not use.
+    """Dramatiq's RabbitMQ broker, declaring from the table above (Dramatiq
+    knows no queue type) and holding no connection it does not use.
 
     Declaring the queues opens a connection in each consumer thread, which
     then idles for the life of the worker; a stock worker holds four
@@ -227,6 +236,11 @@ class Broker(RabbitmqBroker):
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         return queues(settings)[queue_name]
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        # Dramatiq declares its dead-letter queue with arguments of its own.
+        arguments = queues(settings)[xq_name(queue_name)]
+        return self.channel.queue_declare(queue=xq_name(queue_name), durable=True, arguments=arguments)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> dramatiq.Consumer:
         # Declare again on every (re)start: a queue deleted meanwhile (CloudAMQP
