@@ -402,13 +402,14 @@ def test_quorum_makes_the_task_delay_and_dead_letter_queues_quorum_queues(quorum
         f"{queue}.DQ": "quorum",
         f"{queue}.XQ": "quorum",
         f"{queue}.cancellations": "stream",
+        f"{queue}.events": "stream",
     }
     assert f'"x-dead-letter-routing-key","{queue}.XQ"' in queues[queue][1]
     assert f'"x-dead-letter-routing-key","{queue}.XQ"' in queues[f"{queue}.DQ"][1]
     assert "x-message-ttl" in queues[f"{queue}.XQ"][1]
 
 
-@pytest.mark.parametrize("suffix", ["", ".DQ", ".XQ", ".cancellations"])
+@pytest.mark.parametrize("suffix", ["", ".DQ", ".XQ", ".cancellations", ".events"])
 def test_every_queue_the_work_depends_on_has_a_member_on_every_node(quorum_stacks: Stacks, suffix: str) -> None:
     cluster = quorum_stacks.cluster
     members = cluster.ctl(cluster.nodes[0], "-q", "list_queues", "--no-table-headers", "name", "members")
