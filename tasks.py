@@ -413,7 +413,9 @@ def worker_metrics() -> Middleware:
 
 
 if settings.metrics:
-    broker.add_middleware(worker_metrics())
+    # Before TaskControl: a task it skips (cancelled) must be seen starting too,
+    # or Dramatiq's in-progress gauge counts its end alone and goes negative.
+    broker.add_middleware(worker_metrics(), before=TaskControl)
 
 
 @dramatiq.actor(

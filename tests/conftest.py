@@ -179,6 +179,8 @@ def stack_env(**overrides: str | int) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTEST", "COV"))}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    # Stacks that run at once must not contend for the default metrics port.
+    env["METRICS_PORT"] = str(free_port())
     env.update({key: str(value) for key, value in overrides.items()})
     return env
 
