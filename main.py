@@ -424,7 +424,12 @@ async def watch_broker(publisher: Publisher) -> None:
                     declared = await channel.queue_declare(queue, passive=True)
                 QUEUE_READY.labels(queue).set(declared.message_count or 0)
                 QUEUE_CONSUMERS.labels(queue).set(declared.consumer_count or 0)
-            except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as error:
+            except asyncio.CancelledError:
+                # aiormq cancels what is pending on a connection it drops.
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise
+                channel = None
+            except Exception as error:  # noqa: BLE001 - whatever one read hit, the gauges must go on
                 channel = None
                 logger.debug("queue depth unknown: %s", publisher.describe(error))
         await asyncio.sleep(QUEUE_WATCH_SECONDS)

@@ -6,6 +6,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import dramatiq
 import httpx
@@ -13,6 +14,7 @@ import pika
 import psutil
 import pytest
 from conftest import (
+    STACK_TMP,
     Process,
     TcpProxy,
     free_port,
@@ -147,7 +149,9 @@ def publish_countdown_with_a_float(queue_name: str) -> str:
     actor raises (range() takes no float), so Dramatiq retries it and then
     dead-letters it, as it would any task that keeps failing.
     """
-    message = dramatiq.Message(queue_name=queue_name, actor_name="countdown", args=(1.5,), kwargs={}, options={})
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=queue_name, actor_name="countdown", args=(1.5,), kwargs={}, options={}
+    )
     connection = rabbit_connection()
     try:
         connection.channel().basic_publish(
@@ -257,7 +261,8 @@ def test_a_restart_of_either_program_or_the_stack_leaves_no_stale_or_doubled_fig
     stack.post(1)
     stack.wait_for_value("dramatiq_messages_total", 1)
     assert stack.value("onebox_tasks_accepted_total") == 3
-    worker_files = tasks.metrics_dir(tasks.load_settings(environ={"PORT": str(stack.port)}), "worker")
+    worker_files = STACK_TMP / f"onebox-metrics-{stack.port}" / "worker"
+    assert worker_files.is_dir()
     assert files_of_dead_processes(worker_files) == []
 
     restart_program(stack, "granian", r"\[onebox\] \[INFO\] broker connected")
@@ -285,7 +290,7 @@ def test_with_metrics_off_no_port_opens_and_no_file_is_written(stacks: list[Proc
 
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
-    assert not tasks.metrics_dir(tasks.load_settings(environ={"PORT": str(port)}), "web").parent.exists()
+    assert not (STACK_TMP / f"onebox-metrics-{port}").exists()
 
 
 def test_the_metrics_port_cannot_be_the_public_port() -> None:
