@@ -190,7 +190,9 @@ def test_prometheus_stores_tasks_failures_retries_queue_depth_and_requests(
     # 6 accepted (2 of them skipped as cancelled) and 2 attempts of the failing one.
     assert peak is not None and peak >= 5
     assert server.scalar(f"dramatiq_message_errors_total{{{on_queue}}}") == 2
+    # Dramatiq counts a retry twice: scheduled (on the delay queue), then due.
     assert server.scalar(f"dramatiq_message_retries_total{{{on_queue}}}") == 1
+    assert server.scalar(f'dramatiq_message_retries_total{{queue_name="{queue_name}.DQ"}}') == 1
     assert server.scalar(f"dramatiq_message_duration_milliseconds_count{{{on_queue}}}") == 8
     assert server.scalar(f'dramatiq_message_duration_milliseconds_bucket{{{on_queue},le="5000.0"}}') == 8
     assert server.scalar(f'dramatiq_message_duration_milliseconds_bucket{{{on_queue},le="2500.0"}}') == 7
