@@ -64,11 +64,12 @@ async def cpu_per_request(app: Any) -> float:
 
 async def measure() -> None:
     import main  # noqa: PLC0415 - after the multiprocess directory is set, as in a granian worker
+    import tasks  # noqa: PLC0415
 
     figures: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(ROUNDS):
         for enabled in (False, True):
-            settings = msgspec.structs.replace(main.tasks.settings, metrics=enabled)
+            settings = msgspec.structs.replace(tasks.settings, metrics=enabled)
             figures[enabled].append(await cpu_per_request(main.create_app(main.Publisher(settings))))
     differences = [on - off for off, on in zip(figures[False], figures[True], strict=True)]
     print(f"metrics off: {statistics.median(figures[False]):.0f} µs CPU per request (median of {ROUNDS} rounds)")
