@@ -47,9 +47,11 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.static_files import create_static_files_router
 from litestar.types import Message, Scope
+from prometheus_client import Counter, Gauge
 from swagger_ui_bundle import swagger_ui_path
 
 import tasks
@@ -206,10 +208,11 @@ class TaskBoard:
 
 
 class BrokerUnavailable(ServiceUnavailableException):
-    """RabbitMQ did not take the task; the detail says why."""
+    """RabbitMQ did not take the task; the detail says why, the reason (a metric's label) in a word."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, reason: str = "not_connected") -> None:
         super().__init__(detail=detail, headers={"Retry-After": "1"})
+        self.reason = reason
 
 
 class Publisher:
@@ -379,26 +382,88 @@ class Publisher:
             if (task := asyncio.current_task()) is not None and task.cancelling():
                 raise
             raise BrokerUnavailable(
-                "the broker connection was lost; it may or may not have taken the request"
+                "the broker connection was lost; it may or may not have taken the request", "connection_lost"
             ) from None
         except TimeoutError:
             raise BrokerUnavailable(
                 f"the broker did not confirm within {self.settings.publish_timeout:g} s; "
-                "it may or may not have taken the request"
+                "it may or may not have taken the request",
+                "confirm_timeout",
             ) from None
         except aiormq.exceptions.PublishError:
             # Somebody deleted the queue: declare it again for the next request.
             await self.declare_queues(channel)
-            raise BrokerUnavailable(f"queue {queue!r} was missing; nothing was queued") from None
+            raise BrokerUnavailable(f"queue {queue!r} was missing; nothing was queued", "queue_missing") from None
         except aiormq.exceptions.DeliveryError:
-            raise BrokerUnavailable("the broker refused the message; nothing was queued") from None
+            raise BrokerUnavailable("the broker refused the message; nothing was queued", "refused") from None
         except (aiormq.exceptions.AMQPError, ConnectionError) as error:
             raise BrokerUnavailable(
-                f"the broker connection failed: {self.describe(error)}; it may or may not have taken the request"
+                f"the broker connection failed: {self.describe(error)}; it may or may not have taken the request",
+                "connection_failed",
             ) from None
 
     def describe(self, error: BaseException) -> str:
         return tasks.redact(f"{type(error).__name__}: {error}", self.settings.cloudamqp_url)
+
+
+# -- Metrics --------------------------------------------------------------------
+#
+# Web-side figures; tasks.py serves them with the worker's (README, "Metrics
+# and logs"). Requests by route and status come from Litestar's middleware.
+
+TASKS_ACCEPTED = Counter("onebox_tasks_accepted_total", "Tasks RabbitMQ confirmed: POST /tasks answered 202.")
+TASKS_UNAVAILABLE = Counter(
+    "onebox_tasks_unavailable_total", "POST /tasks answered 503: RabbitMQ did not take the task.", ["reason"]
+)
+BROKER_CONNECTED = Gauge(
+    "onebox_broker_connected",
+    "1 while every web process of this container has a usable broker connection.",
+    multiprocess_mode="min",
+)
+QUEUE_READY = Gauge(
+    "onebox_queue_messages_ready",
+    "Messages ready in the task queue (whole broker: every container reports the same queue).",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_CONSUMERS = Gauge(
+    "onebox_queue_consumers",
+    "Consumers of the task queue (whole broker): one per worker process.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+# Fresh enough for an autoscaler; a passive declare every 2 s costs the broker nothing.
+QUEUE_WATCH_SECONDS = 2.0
+
+
+async def watch_broker(publisher: Publisher) -> None:
+    """Keep the broker gauges fresh: connected or not, and the queue's depth.
+
+    The depth comes from a passive declare on a channel of its own: when the
+    queue is missing, RabbitMQ closes that channel, not the publisher's.
+    """
+    queue = publisher.settings.queue_name
+    channel: AbstractChannel | None = None
+    while True:
+        BROKER_CONNECTED.set(1 if publisher.ready else 0)
+        connection = publisher.connection
+        if publisher.ready and connection is not None:
+            try:
+                async with asyncio.timeout(publisher.settings.publish_timeout):
+                    if channel is None or channel.is_closed or channel.connection is not connection:
+                        channel = await connection.channel()
+                    declared = await channel.queue_declare(queue, passive=True)
+                QUEUE_READY.labels(queue).set(declared.message_count or 0)
+                QUEUE_CONSUMERS.labels(queue).set(declared.consumer_count or 0)
+            except asyncio.CancelledError:
+                # aiormq cancels what is pending on a connection it drops.
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise
+                channel = None
+            except Exception as error:  # noqa: BLE001 - whatever one read hit, the gauges must go on
+                channel = None
+                logger.debug("queue depth unknown: %s", publisher.describe(error))
+        await asyncio.sleep(QUEUE_WATCH_SECONDS)
 
 
 # -- Hardening ------------------------------------------------------------------
@@ -526,7 +591,12 @@ ERRORS = {
 async def create_task(data: JSONBody[TaskRequest], publisher: NamedDependency[Publisher]) -> Response[TaskAccepted]:
     """Queue a countdown of `seconds`. 202 means RabbitMQ has confirmed it, durably."""
     message = tasks.countdown.message(data.seconds)
-    await publisher.publish(message)
+    try:
+        await publisher.publish(message)
+    except BrokerUnavailable as error:
+        TASKS_UNAVAILABLE.labels(error.reason).inc()
+        raise
+    TASKS_ACCEPTED.inc()
     queued_at = message.message_timestamp / 1000
     publisher.announce(tasks.TaskEvent(message.message_id, "queued", queued_at, data.seconds, data.seconds))
     accepted = TaskAccepted(message.message_id, data.seconds, "queued", timestamp(queued_at))
@@ -729,7 +799,18 @@ def create_app(publisher: Publisher) -> Litestar:
             keeper.cancel()
             await publisher.close()
 
+    @asynccontextmanager
+    async def broker_metrics(_: Litestar) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(watch_broker(publisher))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+
     middleware = []
+    if settings.metrics:
+        # Outermost, so that it counts the limiter's 429s too; by route, not by task id.
+        middleware.append(PrometheusConfig(app_name="onebox", group_path=True).middleware)
     if settings.rate_limit_per_minute:
         limit = RateLimitConfig(
             rate_limit=("minute", settings.rate_limit_per_minute),
@@ -754,7 +835,7 @@ def create_app(publisher: Publisher) -> Litestar:
         ],
         guards=[require_token] if settings.api_token else None,
         dependencies={"publisher": Provide(lambda: publisher, use_cache=True, sync_to_thread=False)},
-        lifespan=[broker_connection],
+        lifespan=[broker_connection, broker_metrics] if settings.metrics else [broker_connection],
         state=State({"settings": settings, "streams": StreamSlots(settings)}),
         middleware=middleware,
         cors_config=CORSConfig(allow_origins=origins, allow_headers=["Authorization", "Content-Type"])
@@ -781,7 +862,9 @@ def create_app(publisher: Publisher) -> Litestar:
         ),
         logging_config=LoggingConfig(
             root={"level": settings.log_level, "handlers": ["queue_listener"]},
-            formatters={"standard": {"format": LOG_FORMAT}},
+            formatters={
+                "standard": {"()": "tasks.JsonLines"} if settings.log_format == "json" else {"format": LOG_FORMAT}
+            },
             # Log the unexpected, not every client's mistake or a broker outage.
             log_exceptions="always",
             disable_stack_trace={400, 401, 404, 405, 408, 409, 413, 415, 429, 503},

@@ -11,16 +11,19 @@ import ctypes
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, cast
 from urllib.parse import urlsplit
 
 import dramatiq
@@ -78,10 +81,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     reload: bool
     # RabbitMQ cluster (README, "Scaling out").
     queue_type: Annotated[str, Meta(pattern="^(classic|quorum)$")]
+    # Metrics and logs (README, "Metrics and logs").
+    metrics: bool
+    metrics_port: Annotated[int, Meta(ge=1, le=65535)]
+    log_format: Annotated[str, Meta(pattern="^(text|json)$")]
 
     def __post_init__(self) -> None:
         if self.queue_prefetch < self.worker_threads:
             raise ValueError("queue_prefetch must be at least worker_threads, or threads sit idle")
+        if self.metrics and self.metrics_port == self.port:
+            raise ValueError("metrics_port must differ from port: the public port must not show metrics")
 
 
 def load_settings(path: Path = SETTINGS_FILE, environ: dict[str, str] | None = None) -> Settings:
@@ -109,6 +118,60 @@ def redact(text: str, url: str) -> str:
 settings = load_settings()
 logger = logging.getLogger("onebox")
 logger.setLevel(settings.log_level)
+
+
+# -- JSON logs ----------------------------------------------------------------------
+#
+# LOG_FORMAT=json: one JSON object per line, for log drains. Every formatter
+# of both programs (granian, Litestar, Dramatiq's processes) is this one.
+
+# Task lines carry these as fields (``extra=`` on the log call).
+TASK_FIELDS = ("task_id", "attempt", "remaining", "seconds")
+
+
+class JsonLines(logging.Formatter):
+    """A log record as one line of JSON, with secrets blanked out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            # run_web and run_worker name the program for all their processes.
+            "process": os.environ.get("ONEBOX_PROGRAM", record.processName),
+            "pid": record.process,
+            "logger": record.name,
+            "message": hide_secrets(record.getMessage()),
+        }
+        line.update((name, record.__dict__[name]) for name in TASK_FIELDS if name in record.__dict__)
+        if record.exc_info:
+            line["exception"] = hide_secrets(self.formatException(record.exc_info))
+        return msgspec.json.encode(line).decode()
+
+
+def hide_secrets(text: str) -> str:
+    text = redact(text, settings.cloudamqp_url)
+    return text.replace(settings.api_token, "***") if settings.api_token else text
+
+
+class StderrLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged: Dramatiq points
+    it at its log pipe in each process it forks."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
+if settings.log_format == "json" and not logging.getLogger().handlers:
+    # First: Dramatiq's logging.basicConfig then leaves it in place.
+    json_handler = StderrLines()
+    json_handler.setFormatter(JsonLines())
+    logging.getLogger().addHandler(json_handler)
+    logging.getLogger().setLevel(settings.log_level)
 
 
 def die_with_parent() -> None:
@@ -401,6 +464,78 @@ control = TaskControl(settings)
 broker.add_middleware(control)
 
 
+# -- Metrics --------------------------------------------------------------------------
+#
+# One endpoint per container for web and worker together. Every process of a
+# program writes its figures to files in a directory of that program's own
+# (prometheus_client's multiprocess mode), which the program empties as it
+# starts, before any of its processes runs: a restart of one program drops its
+# old figures and leaves the other's alone. The worker's Dramatiq main process
+# forks the one server that adds both directories up at each scrape.
+
+
+def metrics_dir(settings: Settings, program: str) -> Path:
+    # Under /tmp, the one writable path; the HTTP port keeps apart stacks
+    # that share a host (each container has its own /tmp anyway).
+    return Path(tempfile.gettempdir()) / f"onebox-metrics-{settings.port}" / program
+
+
+def fresh_metrics_dir(program: str) -> str:
+    """Empty the program's metrics directory: stale files from a previous run
+    would be added to the new run's figures (and a reused pid would carry on
+    from its old counts)."""
+    path = metrics_dir(settings, program)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def serve_metrics() -> int:
+    """The metrics endpoint: web and worker figures, Prometheus text format."""
+    from prometheus_client import CollectorRegistry, start_http_server  # noqa: PLC0415 - after Dramatiq's fork
+    from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    for program in ("web", "worker"):
+        path = metrics_dir(settings, program)
+        path.mkdir(parents=True, exist_ok=True)
+        MultiProcessCollector(registry, str(path))  # type: ignore[no-untyped-call]
+    # "::" also takes IPv4 and Fly's private network (IPv6); without IPv6, IPv4 alone.
+    for host in ("::", "0.0.0.0"):
+        try:
+            _, thread = start_http_server(settings.metrics_port, host, registry)
+        except OSError as error:
+            failure = error
+            continue
+        logger.info("metrics at http://[%s]:%d/metrics", host, settings.metrics_port)
+        thread.join()
+        return 0
+    logger.error("no metrics endpoint on port %d: %s", settings.metrics_port, failure)
+    return 1
+
+
+def worker_metrics() -> Middleware:
+    """Dramatiq's own Prometheus middleware, under its own metric names (so that
+    dashboards made for Dramatiq work), without its exposition server on
+    0.0.0.0:9191: serve_metrics serves web and worker together instead."""
+    # Dramatiq's module reads its directory as it loads.
+    os.environ["dramatiq_prom_db"] = str(metrics_dir(settings, "worker"))
+    from dramatiq.middleware.prometheus import Prometheus  # noqa: PLC0415
+
+    class WorkerMetrics(Prometheus):
+        @property
+        def forks(self) -> list[Callable[[], int]]:
+            return [serve_metrics]
+
+    return cast(Middleware, WorkerMetrics())
+
+
+if settings.metrics:
+    # Before TaskControl: a task it skips (cancelled) must be seen starting too,
+    # or Dramatiq's in-progress gauge counts its end alone and goes negative.
+    broker.add_middleware(worker_metrics(), before=TaskControl)
+
+
 @dramatiq.actor(
     queue_name=settings.queue_name,
     max_retries=settings.max_retries,
@@ -417,21 +552,28 @@ def countdown(seconds: int) -> None:
     assert message is not None
     task_id, tries = message.message_id, attempt(message)
     redelivered = "yes" if getattr(message, "redelivered", False) else "no"
-    logger.info("task %s started seconds=%d attempt=%d redelivered=%s", task_id, seconds, tries, redelivered)
+    fields = {"task_id": task_id, "attempt": tries, "seconds": seconds}
+    logger.info(
+        "task %s started seconds=%d attempt=%d redelivered=%s",
+        *(task_id, seconds, tries, redelivered),
+        extra={**fields, "remaining": seconds},
+    )
     control.emit(TaskEvent(task_id, "started", time.time(), seconds, seconds, tries))
     started = time.monotonic()
     for remaining in range(seconds - 1, -1, -1):
         # Sleep to the next whole second since the start, so ticks do not drift.
         time.sleep(max(0.0, started + (seconds - remaining) - time.monotonic()))
         if control.is_cancelled(task_id):
-            logger.info("task %s cancelled remaining=%d", task_id, remaining + 1)
+            logger.info(
+                "task %s cancelled remaining=%d", task_id, remaining + 1, extra={**fields, "remaining": remaining + 1}
+            )
             control.emit(TaskEvent(task_id, "cancelled", time.time(), seconds, remaining + 1, tries))
             return
-        logger.info("task %s remaining=%d", task_id, remaining)
+        logger.info("task %s remaining=%d", task_id, remaining, extra={**fields, "remaining": remaining})
         every = settings.progress_every
         if every and remaining and remaining % every == 0:
             control.emit(TaskEvent(task_id, "progress", time.time(), seconds, remaining, tries))
-    logger.info("task %s done seconds=%d", task_id, seconds)
+    logger.info("task %s done seconds=%d", task_id, seconds, extra={**fields, "remaining": 0})
     control.emit(TaskEvent(task_id, "succeeded", time.time(), seconds, 0, tries))
 
 
@@ -456,6 +598,12 @@ def run_web() -> NoReturn:
         # A long response must not hold a stop past the grace period.
         "--workers-kill-timeout": str(settings.stop_grace),
     }
+    os.environ["ONEBOX_PROGRAM"] = "web"
+    if settings.metrics:
+        # prometheus_client reads it as it loads, in every granian worker.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = fresh_metrics_dir("web")
+    if settings.log_format == "json":
+        options["--log-config"] = granian_json_logging()
     reload = [
         "--reload",
         "--reload-paths",
@@ -483,11 +631,29 @@ def run_worker() -> NoReturn:
         "--threads": str(settings.worker_threads),
         "--worker-shutdown-timeout": str(settings.stop_grace * 1000),
     }
+    os.environ["ONEBOX_PROGRAM"] = "worker"
+    if settings.metrics:
+        fresh_metrics_dir("worker")
+    dramatiq_main = ["-m", "dramatiq"]
+    if settings.log_format == "json":
+        # Dramatiq's main process formats its own lines: it must load this
+        # module (and its JSON handler) before Dramatiq sets up logging.
+        dramatiq_main = ["-c", "import sys, tasks, dramatiq.cli; sys.exit(dramatiq.cli.main())"]
     # watchdog (7+) matches a pattern against the whole path.
     watch = ["--watch", str(SETTINGS_FILE.parent)]
     watch += chain(*(("--watch-include", str(SETTINGS_FILE.with_name(name))) for name in RELOAD_FILES))
     flags = watch if settings.reload else []
-    os.execv(sys.executable, [sys.executable, "-m", "dramatiq", "tasks", *chain(*options.items()), *flags])
+    os.execv(sys.executable, [sys.executable, *dramatiq_main, "tasks", *chain(*options.items()), *flags])
+
+
+def granian_json_logging() -> str:
+    """A logging configuration file for granian's own lines, in /tmp (the root
+    filesystem may be read-only)."""
+    json_lines = {"()": "tasks.JsonLines"}
+    config = {"formatters": {"generic": json_lines, "access": json_lines}}
+    path = Path(tempfile.gettempdir()) / f"onebox-granian-logging-{settings.port}.json"
+    path.write_bytes(msgspec.json.encode(config))
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ from rabbit_node import RABBITMQ_IMAGE, RabbitContainer
 
 # runs: enqueue rounds per broker, an even number so that each goes first as often;
 # pickups: tasks per broker.
-FULL = Plan(runs=10, round_seconds=5, levels=(PEAK_CLIENTS,), pickups=100, countdowns=0, delay_ms=0)
-QUICK = Plan(runs=1, round_seconds=2, levels=(PEAK_CLIENTS,), pickups=8, countdowns=0, delay_ms=0)
+FULL = Plan(runs=10, round_seconds=5, levels=(PEAK_CLIENTS,), pickups=100, countdowns=0, delay_ms=0, scrapes=0)
+QUICK = Plan(runs=1, round_seconds=2, levels=(PEAK_CLIENTS,), pickups=8, countdowns=0, delay_ms=0, scrapes=0)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,24 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
             for state, one in limiter.items()
         ),
         "",
+    ]
+    metrics = figures["metrics"]
+    endpoint = metrics["endpoint"]
+    lines += [
+        "**The metrics' cost** (onebox, worker paused; off: `METRICS=false`, on: the default)",
+        "",
+        "| metrics | clients | req/s | p99 ms | CPU µs/req |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {state} | {clients} | {one['rps']:,.0f} | {one['p99_ms']:.1f} | {one['cpu_us_per_request']:.0f} |"
+            for state, levels in metrics["enqueue"].items()
+            for clients, one in levels.items()
+        ),
+        "",
+        f"The metrics endpoint answers in {endpoint['p50_ms']:.1f} ms (p50), {endpoint['p99_ms']:.1f} ms (p99), "
+        f"{endpoint['samples']:.0f} samples in {endpoint['bytes']:,.0f} bytes; "
+        f"{endpoint['cpu_ms_per_scrape']:.1f} ms of CPU per scrape.",
+        "",
         "**The whole stack** (onebox: supervisord, granian, dramatiq; comparison: uvicorn, dramatiq)",
         "",
         "| figure | onebox | comparison |",

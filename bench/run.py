@@ -46,6 +46,7 @@ from harness import (
     cpu_seconds,
     delete_queues,
     first_accepted,
+    free_port,
     log_time,
     median_tree,
     percentile,
@@ -70,6 +71,8 @@ DRAMATIQ_DEFAULTS = {"processes": os.cpu_count() or 1, "threads": 8}
 COUNTDOWN_SECONDS = 30
 # settings.toml's rate_limit_per_minute.
 LIMIT_DEFAULT = 60
+# Tasks run before the metrics endpoint is timed, so that it holds worker figures.
+SCRAPE_TASKS = 20
 PACKAGES = (
     "granian",
     "uvloop",
@@ -96,10 +99,11 @@ class Plan:
     pickups: int
     countdowns: int
     delay_ms: float
+    scrapes: int
 
 
-FULL = Plan(runs=3, round_seconds=5, levels=(1, 16, 64), pickups=30, countdowns=500, delay_ms=10)
-QUICK = Plan(runs=1, round_seconds=2, levels=(1, 16, 64), pickups=8, countdowns=500, delay_ms=10)
+FULL = Plan(runs=3, round_seconds=5, levels=(1, 16, 64), pickups=30, countdowns=500, delay_ms=10, scrapes=200)
+QUICK = Plan(runs=1, round_seconds=2, levels=(1, 16, 64), pickups=8, countdowns=500, delay_ms=10, scrapes=20)
 
 
 def say(text: str) -> None:
@@ -174,6 +178,41 @@ def rate_limiter(plan: Plan, scratch: Scratch) -> dict[str, dict[str, float]]:
             peak = replace(plan, levels=(PEAK_CLIENTS,))
             rounds[state] = load_rounds(stack, peak, "post-clients.lua")[str(PEAK_CLIENTS)]
     return rounds
+
+
+def metrics_cost(plan: Plan, scratch: Scratch) -> dict[str, Any]:
+    """onebox with its metrics off, then on (the default), at 1 and 64
+    clients: what they cost a request. Then the endpoint's answer time, with
+    the worker running (it serves the endpoint) and figures from both programs."""
+    rounds: dict[str, dict[str, dict[str, float]]] = {}
+    for state, enabled in (("off", "false"), ("on", "true")):
+        with onebox(scratch, new_queue("onebox"), paused=True, METRICS=enabled) as stack:
+            rounds[state] = load_rounds(stack, replace(plan, levels=(1, PEAK_CLIENTS)))
+    metrics_port = free_port()
+    with onebox(scratch, new_queue("onebox"), METRICS_PORT=metrics_port) as stack:
+        first_accepted(stack.url)
+        with httpx.Client(timeout=10) as client:
+            for _ in range(SCRAPE_TASKS):
+                client.post(stack.url, json={"seconds": 1})
+            endpoint = f"http://127.0.0.1:{metrics_port}/metrics"
+            deadline = time.monotonic() + 30
+            while "dramatiq_messages_total{" not in client.get(endpoint).text and time.monotonic() < deadline:
+                time.sleep(0.5)
+            times: list[float] = []
+            spent = cpu_seconds(stack.processes)
+            for _ in range(plan.scrapes):
+                began = time.perf_counter()
+                body = client.get(endpoint).text
+                times.append(time.perf_counter() - began)
+            cpu_ms = (cpu_seconds(stack.processes) - spent) / plan.scrapes * 1000
+    answer = {
+        "p50_ms": percentile(times, 0.50) * 1000,
+        "p99_ms": percentile(times, 0.99) * 1000,
+        "cpu_ms_per_scrape": cpu_ms,
+        "bytes": len(body),
+        "samples": sum(1 for line in body.splitlines() if line and not line.startswith("#")),
+    }
+    return {"enqueue": rounds, "endpoint": answer}
 
 
 # -- Figures 3 to 6: the whole stack, from launch to peak -------------------------------------
@@ -320,6 +359,8 @@ def measure(plan: Plan, scratch: Scratch) -> dict[str, Any]:
     direct = enqueue(plan, scratch, RABBIT_URL, with_bare=True)
     say("  onebox with its rate limiter off and on")
     limiter = rate_limiter(plan, scratch)
+    say("  onebox with its metrics off and on; the metrics endpoint's answer time")
+    metrics = metrics_cost(plan, scratch)
     say(f"figure 2: enqueue, broker {plan.delay_ms:g} ms away each way")
     with DelayProxy(plan.delay_ms) as proxy:
         delayed = enqueue(plan, scratch, proxy.url, with_bare=False)
@@ -337,6 +378,7 @@ def measure(plan: Plan, scratch: Scratch) -> dict[str, Any]:
         "enqueue": direct,
         "enqueue_delayed": delayed,
         "rate_limiter": limiter,
+        "metrics": metrics,
         "pickup": {name: figures["pickup"] for name, figures in stacks.items()},
         "connections": {
             name: {

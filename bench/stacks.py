@@ -119,8 +119,11 @@ def onebox(
         PORT=port,
         QUEUE_NAME=queue,
         CLOUDAMQP_URL=broker_url,
-        # The per-client rate limit would cap a load test from one address.
-        **({"RATE_LIMIT_PER_MINUTE": 0} | settings),
+        # Its metrics files go with the scratch directory.
+        TMPDIR=str(scratch.directory),
+        # The per-client rate limit would cap a load test from one address;
+        # a metrics port of its own, as no two stacks can share one.
+        **({"RATE_LIMIT_PER_MINUTE": 0, "METRICS_PORT": free_port()} | settings),
     )
     launched = time.time()
     process = Process([str(scratch.venv / "bin" / "supervisord"), "-c", str(config)], env)

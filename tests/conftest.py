@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -31,6 +33,9 @@ IN_CI = os.environ.get("CI") == "true"
 os.environ["QUEUE_NAME"] = f"test-{uuid.uuid4().hex[:10]}"
 # Tests load the service from one address; those of the limit set it themselves.
 os.environ["RATE_LIMIT_PER_MINUTE"] = "0"
+# The stacks' temporary files (metrics): their TMPDIR, removed when the tests end.
+STACK_TMP = Path(tempfile.mkdtemp(prefix="onebox-test-stacks-"))
+atexit.register(shutil.rmtree, STACK_TMP, ignore_errors=True)
 
 
 def require_tool(name: str) -> str:
@@ -238,6 +243,9 @@ def stack_env(**overrides: str | int) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTEST", "COV"))}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    # Stacks that run at once must not contend for the default metrics port.
+    env["METRICS_PORT"] = str(free_port())
+    env["TMPDIR"] = str(STACK_TMP)
     env.update({key: str(value) for key, value in overrides.items()})
     return env
 

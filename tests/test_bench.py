@@ -88,6 +88,19 @@ def test_the_rate_limiters_cost_is_measured_with_it_off_and_on(bench: tuple[dict
         assert (result["refused"], result["errors"], result["missing"]) == (0, 0, 0), state
 
 
+def test_the_metrics_cost_is_measured_off_and_on_and_the_endpoint_is_timed(bench: tuple[dict[str, Any], Path]) -> None:
+    metrics = bench[0]["figures"]["metrics"]
+
+    assert set(metrics["enqueue"]) == {"off", "on"}
+    for state, levels in metrics["enqueue"].items():
+        for clients, result in levels.items():
+            assert result["accepted"] > 0 and result["cpu_us_per_request"] > 0, (state, clients)
+            assert (result["refused"], result["errors"], result["missing"]) == (0, 0, 0), (state, clients)
+    endpoint = metrics["endpoint"]
+    assert 0 < endpoint["p50_ms"] <= endpoint["p99_ms"]
+    assert endpoint["samples"] > 0 and endpoint["bytes"] > 0
+
+
 def test_connections_and_memory_are_counted_per_process(bench: tuple[dict[str, Any], Path]) -> None:
     connections, memory = bench[0]["figures"]["connections"]["onebox"], bench[0]["figures"]["memory"]["onebox"]
 
