@@ -109,6 +109,25 @@ logger = logging.getLogger("onebox")
 logger.setLevel(settings.log_level)
 
 
+class RedactSecrets(logging.Filter):
+    """The broker password and API_TOKEN out of every log line, tracebacks
+    included: a job's exception may carry them, and Dramatiq logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = (settings.cloudamqp_url, settings.api_token)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, *secrets)
+        record.msg, record.args = redact(record.getMessage(), *secrets), None
+        return True
+
+
+# Dramatiq's worker processes set up logging before they import this module.
+for handler in logging.getLogger().handlers:
+    handler.addFilter(RedactSecrets())
+
+
 def die_with_parent() -> None:
     """Ask Linux to stop this process when its parent dies.
 

@@ -474,6 +474,25 @@ def test_a_failing_job_shows_attempt_2_then_failed_with_its_message(two_stacks: 
         time.sleep(0.1)
 
 
+def test_a_job_error_carrying_the_broker_password_reaches_neither_its_task_nor_the_log(
+    two_stacks: tuple[list[Process], str, str],
+) -> None:
+    stacks, base, _ = two_stacks
+    password = "guest"  # the stacks' broker URL is conftest's, guest:guest
+
+    task_id = httpx.post(f"{base}/jobs/tally", json={"title": f"pw={password}", "words": ["fail"]}).json()["id"]
+
+    final = wait_for(base, task_id, lambda view: view["status"] in main.FINISHED)
+    assert final["error"] == {"type": "ValueError", "message": "pw=***: cannot count 'fail'"}
+    deadline = time.monotonic() + 10
+    while not any(f"Retries exceeded for message '{task_id}'" in stack.output for stack in stacks):
+        assert time.monotonic() < deadline, "no worker logged that it gave up"
+        time.sleep(0.1)
+    logged = "\n".join(stack.output for stack in stacks)
+    assert "pw=***: cannot count 'fail'" in logged  # Dramatiq's traceback of the attempt
+    assert f"pw={password}" not in logged
+
+
 def test_cancelling_the_example_job_mid_way_stops_it_at_its_next_report(
     two_stacks: tuple[list[Process], str, str],
 ) -> None:
