@@ -1,4 +1,4 @@
-"""The HTTP face of onebox: accept a countdown, hand it to RabbitMQ, answer.
+"""The HTTP face of onebox: accept a countdown or a job, hand it to RabbitMQ, answer.
 
 Read top to bottom: the bodies, the publisher (the web process's one AMQP
 connection), the routes, error handling and the app. ``python tasks.py web``
@@ -86,6 +86,15 @@ class TaskAccepted(msgspec.Struct):
     queued_at: datetime
 
 
+class JobAccepted(msgspec.Struct):
+    """RabbitMQ has the job's task, durably: it will run."""
+
+    id: Annotated[str, msgspec.Meta(description="The Dramatiq message id.")]
+    actor: str
+    status: Literal["queued"]
+    queued_at: datetime
+
+
 TaskStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 FINISHED = {"succeeded", "failed", "cancelled"}
 
@@ -94,11 +103,19 @@ class TaskView(msgspec.Struct, gc=False):
     """A task as this web process last heard of it (GET /tasks/{id})."""
 
     id: str
+    actor: Annotated[str, msgspec.Meta(description="The job: countdown, or another @job in tasks.py.")]
     status: TaskStatus
-    seconds: int
-    remaining: int
     attempts: int
+    done: Annotated[int, msgspec.Meta(description="Steps done, as the job last reported.")]
+    total: Annotated[int, msgspec.Meta(description="Steps in all; 0 while the job has not said.")]
     updated_at: datetime
+    # No default: Litestar's OpenAPI cannot show a Raw one.
+    result: Annotated[msgspec.Raw, msgspec.Meta(description="What a succeeded job returned (JSON).")]
+    message: Annotated[str, msgspec.Meta(description="What the job last said it was doing.")] = ""
+    error: Annotated[tasks.TaskError | None, msgspec.Meta(description="Why the last attempt failed.")] = None
+    # The countdown's own fields, as before jobs: total and total - done.
+    seconds: int | None = None
+    remaining: int | None = None
     queued_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -153,27 +170,40 @@ class TaskBoard:
         view = self.tasks.get(event.id)
         at = timestamp(event.at)
         if view is None:
-            view = TaskView(event.id, "queued", event.seconds, event.remaining, event.attempt, at)
+            view = TaskView(
+                event.id, event.actor, "queued", event.attempt, event.done, event.total, at, tasks.NO_RESULT
+            )
             self.remember(view)
         if event.event == "queued":
             # The worker's news can overtake the web process's own.
             view.queued_at = view.queued_at or at
-            self.notify(event.id)
-            return
-        if view.status in FINISHED and event.attempt <= view.attempts:
+            view.total = view.total or event.total
+        elif view.status in FINISHED and event.attempt <= view.attempts:
             return  # news from after the end of this attempt
-        view.attempts, view.remaining, view.updated_at = event.attempt, event.remaining, at
+        else:
+            self.update(view, event, at)
+        if view.actor == tasks.countdown.actor_name:
+            view.seconds, view.remaining = view.total, view.total - view.done
+        self.notify(event.id)
+
+    def update(self, view: TaskView, event: tasks.TaskEvent, at: datetime) -> None:
+        # A job that has not said its total yet keeps the one it was queued with.
+        view.attempts, view.updated_at = event.attempt, at
+        view.done, view.total, view.message = event.done, event.total or view.total, event.message
+        running: TaskStatus = "cancelling" if view.status == "cancelling" else "running"
         match event.event:
             case "started":
-                view.status = "cancelling" if view.status == "cancelling" else "running"
-                view.started_at = at
+                view.status, view.started_at = running, at
             case "progress":
-                view.status = "cancelling" if view.status == "cancelling" else "running"
-                view.started_at = view.started_at or at
+                view.status, view.started_at = running, view.started_at or at
+            case "retrying":
+                # Waiting for its next attempt, which a cancellation still stops.
+                view.status = "cancelling" if view.status == "cancelling" else "queued"
+                view.error = event.error
             case "succeeded" | "failed" | "cancelled":
-                view.status = event.event
-                view.finished_at = at
-        self.notify(event.id)
+                view.status, view.finished_at = event.event, at
+                # The event's result points into the batch it came in: copied, the batch can go.
+                view.result, view.error = event.result.copy(), event.error
 
     def remember(self, view: TaskView) -> None:
         self.tasks[view.id] = view
@@ -231,6 +261,7 @@ class Publisher:
         self.channel: aiormq.Channel | None = None
         self.events: aiormq.Channel | None = None
         self.outbox: list[tasks.TaskEvent] = []
+        self.dropped_events = 0
         # The event loop holds tasks weakly: each batch's publish is kept here until done.
         self.sending: set[asyncio.Task[Any]] = set()
         self.problem = "not connected to the broker yet"
@@ -315,11 +346,31 @@ class Publisher:
     def apply_batch(self, body: bytes) -> None:
         try:
             events = msgspec.json.decode(body, type=list[tasks.TaskEvent])
-        except msgspec.ValidationError:
-            logger.warning("ignored a malformed task event")
-            return
+        except msgspec.DecodeError:
+            events = self.decode_one_by_one(body)
         for event in events:
             self.board.apply(event)
+
+    def decode_one_by_one(self, body: bytes) -> list[tasks.TaskEvent]:
+        """The events of a batch that this process can read; each other one is dropped alone."""
+        try:
+            raw_events = msgspec.json.decode(body, type=list[msgspec.Raw])
+        except msgspec.DecodeError as error:
+            self.drop("a batch of task events", error)
+            return []
+        events = []
+        for raw in raw_events:
+            try:
+                events.append(msgspec.json.decode(raw, type=tasks.TaskEvent))
+            except msgspec.DecodeError as error:
+                fields = msgspec.json.decode(raw)
+                task_id = fields.get("id") if isinstance(fields, dict) else None
+                self.drop(f"a task event of task {task_id!r}", error)
+        return events
+
+    def drop(self, what: str, error: msgspec.DecodeError) -> None:
+        self.dropped_events += 1
+        logger.warning("ignored %s that this process cannot read (%d so far): %s", what, self.dropped_events, error)
 
     def announce(self, event: tasks.TaskEvent) -> None:
         """Tell every web process soon, without waiting: events are best effort.
@@ -470,14 +521,14 @@ async def watch_broker(publisher: Publisher) -> None:
 
 
 async def require_token(connection: ASGIConnection[Any, Any, Any, Any], __: BaseRouteHandler) -> None:
-    """With API_TOKEN set, every /tasks route takes "Authorization: Bearer <token>".
+    """With API_TOKEN set, every /tasks and /jobs route takes "Authorization: Bearer <token>".
 
     Task ids, results and cancellation are each client's business; the page,
     the docs and the health checks stay open. An app guard installed only
     when a token is set, and async: for every request Litestar copies the
     handler for each guard, and runs a sync guard in a thread.
     """
-    if not connection.scope["path"].startswith("/tasks"):
+    if not connection.scope["path"].startswith(("/tasks", "/jobs")):
         return
     token = connection.app.state.settings.api_token
     scheme, _, offered = connection.headers.get("authorization", "").partition(" ")
@@ -502,12 +553,12 @@ def client_address(request: Request[Any, Any, Any]) -> str:
 
 
 def writes_to_broker(request: Request[Any, Any, Any]) -> bool:
-    """POST /tasks and DELETE /tasks/{id}: what the rate limit counts.
+    """POST /tasks, POST /jobs/{name} and DELETE /tasks/{id}: what the rate limit counts.
 
     Each makes the broker store and deliver messages (and spends a plan's
     monthly quota); reads do not.
     """
-    return request.method in ("POST", "DELETE") and request.url.path.startswith("/tasks")
+    return request.method in ("POST", "DELETE") and request.url.path.startswith(("/tasks", "/jobs/"))
 
 
 SECURITY_HEADERS = [
@@ -557,7 +608,8 @@ async def require_json(request: Request[Any, Any, Any]) -> None:
         # Litestar's word for a client that left before its body ended.
         raise ValidationException(detail="the body ended before its Content-Length") from None
     if not body:
-        raise ValidationException(detail='the body is empty; expected {"seconds": <integer>}')
+        expected = '{"seconds": <integer>}' if request.url.path == "/tasks" else "an object of the job's arguments"
+        raise ValidationException(detail=f"the body is empty; expected {expected}")
 
 
 ERRORS = {
@@ -598,8 +650,41 @@ async def create_task(data: JSONBody[TaskRequest], publisher: NamedDependency[Pu
         raise
     TASKS_ACCEPTED.inc()
     queued_at = message.message_timestamp / 1000
-    publisher.announce(tasks.TaskEvent(message.message_id, "queued", queued_at, data.seconds, data.seconds))
+    publisher.announce(
+        tasks.TaskEvent(message.message_id, "queued", queued_at, tasks.countdown.actor_name, total=data.seconds)
+    )
     accepted = TaskAccepted(message.message_id, data.seconds, "queued", timestamp(queued_at))
+    return Response(accepted, status_code=202, headers={"Location": f"/tasks/{message.message_id}"})
+
+
+@post(
+    "/jobs/{name:str}",
+    status_code=202,
+    before_request=require_json,
+    responses={
+        **ERRORS,
+        404: ResponseSpec(Problem, description="No job of that name.", media_type="application/problem+json"),
+    },
+    summary="Start a job",
+)
+async def start_job(
+    name: FromPath[str], request: Request[Any, Any, Any], publisher: NamedDependency[Publisher]
+) -> Response[JobAccepted]:
+    """Queue the job `name` (a function declared with `@job` in tasks.py) with its
+    keyword arguments as a JSON object, checked against the function's types.
+    202 means RabbitMQ has confirmed it; GET /tasks/{id} follows it."""
+    job = tasks.jobs.get(name)
+    if job is None:
+        raise NotFoundException(detail=f"no job {name!r}; the jobs are {', '.join(sorted(tasks.jobs))}")
+    try:
+        arguments = msgspec.json.decode(await request.body(), type=job.arguments)
+    except msgspec.DecodeError as error:
+        raise ValidationException(detail=str(error)) from None
+    message = job.actor.message_with_options(kwargs=msgspec.to_builtins(arguments))
+    await publisher.publish(message)
+    queued_at = message.message_timestamp / 1000
+    publisher.announce(tasks.TaskEvent(message.message_id, "queued", queued_at, name))
+    accepted = JobAccepted(message.message_id, name, "queued", timestamp(queued_at))
     return Response(accepted, status_code=202, headers={"Location": f"/tasks/{message.message_id}"})
 
 
@@ -626,7 +711,7 @@ TASK_NOT_FOUND = {
 
 @get("/tasks/{task_id:str}", responses=TASK_NOT_FOUND, summary="A task's status")
 async def get_task(task_id: FromPath[str], publisher: NamedDependency[Publisher]) -> TaskView:
-    """Status, seconds, remaining, timestamps and attempts."""
+    """Status, job, progress, result or error, timestamps and attempts."""
     if view := publisher.board.tasks.get(task_id):
         return view
     raise publisher.board.unknown(task_id)
@@ -730,7 +815,7 @@ async def cancel_task(task_id: FromPath[str], publisher: NamedDependency[Publish
     if view.status == "queued":
         # It will never start: every worker checks the stream before it runs a task.
         publisher.announce(
-            tasks.TaskEvent(task_id, "cancelled", time.time(), view.seconds, view.remaining, view.attempts)
+            tasks.TaskEvent(task_id, "cancelled", time.time(), view.actor, view.attempts, view.done, view.total)
         )
     else:
         view.status = "cancelling"
@@ -823,6 +908,7 @@ def create_app(publisher: Publisher) -> Litestar:
     return Litestar(
         route_handlers=[
             create_task,
+            start_job,
             list_tasks,
             get_task,
             task_events,

@@ -1,13 +1,17 @@
 """What runs in the background, and what the web side shares with it.
 
 Read top to bottom: the settings (settings.toml, overridden by environment
-variables), the Dramatiq broker, the countdown actor, and the two commands
-that supervisord runs: ``python tasks.py web`` and ``python tasks.py worker``.
+variables), the Dramatiq broker, task events, jobs (an actor whose status,
+progress, result and error every web process sees), the countdown and the
+example job, and the two commands that supervisord runs: ``python tasks.py
+web`` and ``python tasks.py worker``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
 import logging
 import os
 import re
@@ -17,14 +21,15 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, cast
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, NoReturn, ParamSpec, cast, overload
+from urllib.parse import unquote, urlsplit
 
 import dramatiq
 import msgspec
@@ -33,7 +38,7 @@ import pika.exceptions
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
 from dramatiq.common import dq_name, q_name, xq_name
-from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
+from dramatiq.middleware import CurrentMessage, Middleware, Retries, SkipMessage
 from msgspec import Meta
 
 SETTINGS_FILE = Path(__file__).with_name("settings.toml")
@@ -85,6 +90,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     metrics: bool
     metrics_port: Annotated[int, Meta(ge=1, le=65535)]
     log_format: Annotated[str, Meta(pattern="^(text|json)$")]
+    # Jobs (README, "Add your own job").
+    result_max_bytes: Annotated[int, Meta(ge=16, le=1_000_000)]
 
     def __post_init__(self) -> None:
         if self.queue_prefetch < self.worker_threads:
@@ -109,15 +116,37 @@ def load_settings(path: Path = SETTINGS_FILE, environ: dict[str, str] | None = N
         raise SystemExit(f"onebox: invalid setting {name}: {message}") from None
 
 
-def redact(text: str, url: str) -> str:
-    """The text without the broker URL's password, for logs and error bodies."""
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
+def redact(text: str, url: str, *secrets: str) -> str:
+    """The text without the broker URL's password (nor ``secrets``), for logs and error bodies."""
+    password = urlsplit(url).password or ""
+    for secret in (password, unquote(password), *secrets):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 settings = load_settings()
 logger = logging.getLogger("onebox")
 logger.setLevel(settings.log_level)
+
+
+class RedactSecrets(logging.Filter):
+    """The broker password and API_TOKEN out of every log line, tracebacks
+    included: a job's exception may carry them, and Dramatiq logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = (settings.cloudamqp_url, settings.api_token)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, *secrets)
+        record.msg, record.args = redact(record.getMessage(), *secrets), None
+        return True
+
+
+# Dramatiq's worker processes set up logging before they import this module.
+for handler in logging.getLogger().handlers:
+    handler.addFilter(RedactSecrets())
 
 
 # -- JSON logs ----------------------------------------------------------------------
@@ -149,8 +178,7 @@ class JsonLines(logging.Formatter):
 
 
 def hide_secrets(text: str) -> str:
-    text = redact(text, settings.cloudamqp_url)
-    return text.replace(settings.api_token, "***") if settings.api_token else text
+    return redact(text, settings.cloudamqp_url, settings.api_token)
 
 
 class StderrLines(logging.StreamHandler):  # type: ignore[type-arg]
@@ -347,15 +375,32 @@ dramatiq.set_broker(broker)
 # refused by the next one.
 
 
-class TaskEvent(msgspec.Struct, gc=False):
-    """A change in a task's life, as the web processes receive it."""
+class TaskError(msgspec.Struct, gc=False):
+    """Why an attempt failed: the exception's type and message, secrets redacted."""
+
+    type: str
+    message: str
+
+
+NO_RESULT = msgspec.Raw(b"null")
+
+
+class TaskEvent(msgspec.Struct, gc=False, omit_defaults=True):
+    """A change in a task's life, as the web processes receive it: the one
+    contract between workers and web processes. "retrying" is a failed
+    attempt that Dramatiq will run again; "failed" is the last one."""
 
     id: str
-    event: Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]
+    event: Literal["queued", "started", "progress", "retrying", "succeeded", "failed", "cancelled"]
     at: float  # seconds since the epoch
-    seconds: int
-    remaining: int
+    actor: str
     attempt: int = 1
+    # Progress as the job last reported it: done of total (0: not known), and what it is at.
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    result: msgspec.Raw = NO_RESULT  # the job's return value, as JSON
+    error: TaskError | None = None
 
 
 class TaskControl(Middleware):
@@ -378,6 +423,8 @@ class TaskControl(Middleware):
         self.channel: Any = None
         self.marker = ""
         self.reading_since = 0.0
+        # The job each worker thread runs: what progress() reports on.
+        self.local = threading.local()
 
     def attach(self, connection: pika.BlockingConnection) -> None:
         """Set up on a new consumer connection; runs in its consumer thread."""
@@ -437,11 +484,15 @@ class TaskControl(Middleware):
         # Until the stream has been read, a cancelled task would look runnable.
         if not self.caught_up.wait(timeout=30):
             logger.warning("cancellations not read yet; running task %s unchecked", message.message_id)
+        run = Run(message) if message.actor_name in jobs else None
         if self.is_cancelled(message.message_id):
             logger.info("task %s cancelled before it started", message.message_id)
-            seconds = message.args[0] if message.args else 0
-            self.emit(TaskEvent(message.message_id, "cancelled", time.time(), seconds, seconds, attempt(message)))
+            if run is not None:
+                self.emit(run.event("cancelled"))
             raise SkipMessage
+        self.local.run = run
+        if run is not None:
+            self.emit(run.event("started"))
 
     def after_process_message(
         self,
@@ -451,17 +502,66 @@ class TaskControl(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        if exception is not None:
-            seconds = message.args[0] if message.args else 0
-            self.emit(TaskEvent(message.message_id, "failed", time.time(), seconds, seconds, attempt(message)))
+        run, self.local.run = self.running(), None
+        if run is None or run.id != message.message_id:
+            return
+        if exception is None:
+            if not run.cancelled:
+                run.done = max(run.done, run.total)  # a job that returned has done all its steps
+            self.emit(run.event("cancelled" if run.cancelled else "succeeded"))
+            return
+        text = redact(str(exception), self.settings.cloudamqp_url, self.settings.api_token)
+        run.error = TaskError(type(exception).__name__, text[:ERROR_CHARS])
+        # Dramatiq's Retries, which runs before this, marks the message failed when it gives up.
+        self.emit(run.event("failed" if message.failed else "retrying"))
+
+    def running(self) -> Run | None:
+        """The job this thread runs, if any."""
+        return getattr(self.local, "run", None)
 
 
 def attempt(message: dramatiq.Message[Any] | MessageProxy) -> int:
     return int(message.options.get("retries", 0)) + 1
 
 
+# An error's message and a progress message are cut to these lengths: every
+# web process keeps them for every task it remembers.
+ERROR_CHARS = 1000
+MESSAGE_CHARS = 200
+
+
+class Run:
+    """One attempt at a job, as its worker thread knows it."""
+
+    def __init__(self, message: MessageProxy) -> None:
+        self.id, self.actor, self.attempt = message.message_id, message.actor_name, attempt(message)
+        self.started = time.monotonic()
+        self.period = 0  # progress_every periods since the start that have had their event
+        self.done = self.total = 0
+        self.message = ""
+        self.result = NO_RESULT
+        self.error: TaskError | None = None
+        self.cancelled = False
+
+    def event(self, kind: Literal["started", "progress", "retrying", "succeeded", "failed", "cancelled"]) -> TaskEvent:
+        return TaskEvent(
+            self.id,
+            kind,
+            time.time(),
+            self.actor,
+            self.attempt,
+            self.done,
+            self.total,
+            self.message,
+            self.result,
+            self.error,
+        )
+
+
 control = TaskControl(settings)
-broker.add_middleware(control)
+# Before Retries in the list, so after it when a message is done: a failed
+# attempt is then known to be the last one or not.
+broker.add_middleware(control, before=Retries)
 
 
 # -- Metrics --------------------------------------------------------------------------
@@ -536,17 +636,134 @@ if settings.metrics:
     broker.add_middleware(worker_metrics(), before=TaskControl)
 
 
-@dramatiq.actor(
-    queue_name=settings.queue_name,
-    max_retries=settings.max_retries,
-    # Retries wait in the delay queue, unacknowledged: stay far below
-    # RabbitMQ's consumer_timeout.
-    min_backoff=1_000,
-    max_backoff=60_000,
-    # A countdown of max_seconds must never hit the time limit.
-    time_limit=(settings.max_seconds + 60) * 1000,
-)
-def countdown(seconds: int) -> None:
+# -- Jobs -----------------------------------------------------------------------------
+#
+# A job is a Dramatiq actor declared with @job: its tasks' status, progress,
+# result and error reach every web process, and POST /jobs/<name> starts one
+# with its keyword arguments as a JSON object (README, "Add your own job").
+
+
+class Cancelled(Exception):
+    """Raised by progress() once the task was cancelled; @job ends the task there, as cancelled."""
+
+
+class ResultRefused(Exception):
+    """A job returned what cannot be its result: no JSON, or more than RESULT_MAX_BYTES of it."""
+
+
+def progress(done: int, total: int, message: str = "") -> None:
+    """Report from inside a job: ``done`` of ``total`` steps (0: unknown), and what it is at.
+
+    Raises Cancelled once the task was cancelled, so a job stops at its next
+    report. Sends at most one event per PROGRESS_EVERY seconds, and none for
+    done == total: the job's end follows, and its event carries the count.
+    Outside a job (a direct call) it does nothing.
+    """
+    run = control.running()
+    if run is None:
+        return
+    if control.is_cancelled(run.id):
+        raise Cancelled(run.id)
+    run.done, run.total, run.message = done, total, message[:MESSAGE_CHARS]
+    every = settings.progress_every
+    if not every or (total and done >= total):
+        return
+    # Periods since the start, not since the last event: ticks a second apart
+    # that jitter by a millisecond still fall one to a period.
+    period = int((time.monotonic() - run.started) / every)
+    if period > run.period:
+        run.period = period
+        control.emit(run.event("progress"))
+
+
+def encode_result(value: object) -> msgspec.Raw:
+    try:
+        encoded = msgspec.json.encode(value)
+    except TypeError as error:
+        raise ResultRefused(f"the result is not JSON: {error}") from None
+    if len(encoded) > settings.result_max_bytes:
+        raise ResultRefused(
+            f"the result is {len(encoded):,} bytes of JSON; RESULT_MAX_BYTES allows {settings.result_max_bytes:,}"
+        )
+    return msgspec.Raw(encoded)
+
+
+class Job(msgspec.Struct, frozen=True):
+    """A declared job: its actor, and the type its JSON arguments must have."""
+
+    actor: dramatiq.Actor[..., None]
+    arguments: type[msgspec.Struct]
+
+
+jobs: dict[str, Job] = {}
+
+
+def arguments_type(fn: Callable[..., object]) -> type[msgspec.Struct]:
+    """A msgspec type of the function's parameters, constraints (Annotated[..., Meta]) included."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+        (name, hints.get(name, Any))
+        if parameter.default is parameter.empty
+        else (name, hints.get(name, Any), parameter.default)
+        for name, parameter in inspect.signature(fn).parameters.items()
+    ]
+    return msgspec.defstruct(f"{fn.__name__}_arguments", fields, kw_only=True, forbid_unknown_fields=True)
+
+
+P = ParamSpec("P")
+
+
+@overload
+def job(fn: Callable[P, object], /) -> dramatiq.Actor[P, None]: ...
+
+
+@overload
+def job(**options: Any) -> Callable[[Callable[P, object]], dramatiq.Actor[P, None]]: ...
+
+
+def job(fn: Callable[P, object] | None = None, /, **options: Any) -> Any:
+    """Declare a job: ``@job`` or ``@job(time_limit=..., max_retries=...)`` (Dramatiq's actor options).
+
+    The function's return value is the task's result (JSON, at most
+    RESULT_MAX_BYTES); an exception fails the attempt, and Dramatiq retries it
+    up to MAX_RETRIES times.
+    """
+
+    def declare(fn: Callable[P, object]) -> dramatiq.Actor[P, None]:
+        @functools.wraps(fn)
+        def run_job(*args: P.args, **kwargs: P.kwargs) -> None:
+            run = control.running()
+            try:
+                value = fn(*args, **kwargs)
+            except Cancelled:
+                if run is None:
+                    raise
+                run.cancelled = True  # acknowledged, not failed: the task is over
+                return
+            if run is not None:
+                run.result = encode_result(value)
+
+        declared = {
+            "queue_name": settings.queue_name,
+            "max_retries": settings.max_retries,
+            # Retries wait in the delay queue, unacknowledged: stay far below
+            # RabbitMQ's consumer_timeout.
+            "min_backoff": 1_000,
+            "max_backoff": 60_000,
+            **options,
+            # Returning it again will not make it smaller.
+            "throws": (ResultRefused, *options.get("throws", ())),
+        }
+        actor: dramatiq.Actor[P, None] = dramatiq.actor(run_job, **declared)
+        jobs[actor.actor_name] = Job(actor, arguments_type(fn))
+        return actor
+
+    return declare if fn is None else declare(fn)
+
+
+# A countdown of max_seconds must never hit the time limit.
+@job(time_limit=(settings.max_seconds + 60) * 1000)
+def countdown(seconds: Annotated[int, Meta(ge=1, le=settings.max_seconds)]) -> None:
     """Count down from ``seconds``, logging once a second; stop when cancelled."""
     message = CurrentMessage.get_current_message()
     assert message is not None
@@ -558,23 +775,33 @@ def countdown(seconds: int) -> None:
         *(task_id, seconds, tries, redelivered),
         extra={**fields, "remaining": seconds},
     )
-    control.emit(TaskEvent(task_id, "started", time.time(), seconds, seconds, tries))
     started = time.monotonic()
     for remaining in range(seconds - 1, -1, -1):
         # Sleep to the next whole second since the start, so ticks do not drift.
         time.sleep(max(0.0, started + (seconds - remaining) - time.monotonic()))
-        if control.is_cancelled(task_id):
+        try:
+            progress(seconds - remaining, seconds)
+        except Cancelled:
             logger.info(
                 "task %s cancelled remaining=%d", task_id, remaining + 1, extra={**fields, "remaining": remaining + 1}
             )
-            control.emit(TaskEvent(task_id, "cancelled", time.time(), seconds, remaining + 1, tries))
-            return
+            raise
         logger.info("task %s remaining=%d", task_id, remaining, extra={**fields, "remaining": remaining})
-        every = settings.progress_every
-        if every and remaining and remaining % every == 0:
-            control.emit(TaskEvent(task_id, "progress", time.time(), seconds, remaining, tries))
     logger.info("task %s done seconds=%d", task_id, seconds, extra={**fields, "remaining": 0})
-    control.emit(TaskEvent(task_id, "succeeded", time.time(), seconds, 0, tries))
+
+
+# README, "Add your own job": the example, exactly as the README shows it.
+@job
+def tally(title: str, words: list[str]) -> dict[str, Any]:
+    """Count the words, one a second; the word "fail" fails the attempt."""
+    counts: dict[str, int] = {}
+    for done, word in enumerate(words):
+        progress(done, len(words), f"counting {word!r}")
+        if word == "fail":
+            raise ValueError(f"{title}: cannot count {word!r}")
+        counts[word] = counts.get(word, 0) + 1
+        time.sleep(1)
+    return {"title": title, "counts": counts}
 
 
 # What the RELOAD setting watches.

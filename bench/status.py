@@ -52,14 +52,16 @@ def events_per_task(stack: Stack, count: int) -> dict[str, float]:
         listener = channel.queue_declare("", exclusive=True).method.queue
         channel.queue_bind(listener, f"{stack.queue}.events")
         asyncio.run(post_countdowns(stack.url, count, TASK_SECONDS))
-        # The bench's countdowns alone (the stack's first task was of 1 s). A
-        # worker's "started" can come before the web process's batched "queued".
-        mine: dict[str, Counter[str]] = {}
+        # The bench's countdowns alone (the stack's first task was of 1 s): a
+        # task's "queued" and "progress" events say its total. A worker's
+        # "started" can come before the web process's batched "queued".
+        heard: dict[str, Counter[str]] = {}
+        mine: set[str] = set()
         messages = 0
         # A safety net only: the default worker runs 8 countdowns at a time.
         deadline = time.monotonic() + TASK_SECONDS * (count // 8 + 1) + 30
         for _, _, body in channel.consume(listener, inactivity_timeout=1):
-            if len(mine) == count and all(ENDS & set(kinds) for kinds in mine.values()):
+            if len(mine) == count and all(ENDS & set(heard[task]) for task in mine):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(mine)} tasks heard of, not all ended, by the deadline")
@@ -67,10 +69,11 @@ def events_per_task(stack: Stack, count: int) -> dict[str, float]:
                 continue
             messages += 1
             for event in json.loads(body):
-                if event["seconds"] == TASK_SECONDS:
-                    mine.setdefault(event["id"], Counter())[event["event"]] += 1
+                heard.setdefault(event["id"], Counter())[event["event"]] += 1
+                if event.get("total") == TASK_SECONDS:
+                    mine.add(event["id"])
         channel.cancel()
-    kinds = sum(mine.values(), Counter())
+    kinds = sum((heard[task] for task in mine), Counter())
     return {
         "tasks": len(mine),
         "events_per_task": kinds.total() / len(mine),
@@ -140,7 +143,7 @@ def board_allocation() -> float:
     for _ in range(REMEMBERED):
         task_id, now = str(uuid.uuid4()), time.time()
         for kind in ("queued", "started", "progress", "succeeded"):
-            board.apply(tasks.TaskEvent(task_id, kind, now, TASK_SECONDS, 0, 1))
+            board.apply(tasks.TaskEvent(task_id, kind, now, "countdown", 1, TASK_SECONDS, TASK_SECONDS))
     allocated = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     if len(board.tasks) != REMEMBERED:

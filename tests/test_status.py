@@ -23,8 +23,12 @@ import tasks
 # -- The board: what a web process makes of the events it hears ------------------
 
 
-def event(kind: str, remaining: int = 5, attempt: int = 1, at: float | None = None) -> tasks.TaskEvent:
-    return tasks.TaskEvent("t1", kind, time.time() if at is None else at, 5, remaining, attempt)  # type: ignore[arg-type]
+def event(
+    kind: str, remaining: int = 5, attempt: int = 1, at: float | None = None, task_id: str = "t1"
+) -> tasks.TaskEvent:
+    """A countdown's event, of 5 seconds in all."""
+    at = time.time() if at is None else at
+    return tasks.TaskEvent(task_id, kind, at, "countdown", attempt, 5 - remaining, 5)  # type: ignore[arg-type]
 
 
 def board(**changes: Any) -> main.TaskBoard:
@@ -81,16 +85,16 @@ def test_a_task_first_heard_of_mid_run_is_running_with_no_queued_time() -> None:
 def test_the_board_forgets_the_oldest_beyond_its_count() -> None:
     tasks_board = board(task_memory_count=2)
     for task_id in ("a", "b", "c"):
-        tasks_board.apply(tasks.TaskEvent(task_id, "queued", time.time(), 1, 1))
+        tasks_board.apply(event("queued", task_id=task_id))
 
     assert list(tasks_board.tasks) == ["b", "c"]
 
 
 def test_the_board_forgets_tasks_older_than_its_memory() -> None:
     tasks_board = board(task_memory_seconds=60)
-    tasks_board.apply(tasks.TaskEvent("old", "queued", time.time() - 61, 1, 1))
+    tasks_board.apply(event("queued", at=time.time() - 61, task_id="old"))
 
-    tasks_board.apply(tasks.TaskEvent("new", "queued", time.time(), 1, 1))
+    tasks_board.apply(event("queued", task_id="new"))
 
     assert list(tasks_board.tasks) == ["new"]
 
@@ -178,12 +182,12 @@ def test_cancelling_a_running_task_waits_for_the_worker(
     client: TestClient[Any], publisher: CancellingPublisher
 ) -> None:
     task_id = post(client)
-    publisher.board.apply(tasks.TaskEvent(task_id, "started", time.time(), 5, 5))
+    publisher.board.apply(event("started", task_id=task_id))
 
     response = client.delete(f"/tasks/{task_id}")
 
     assert response.json()["status"] == "cancelling"
-    publisher.board.apply(tasks.TaskEvent(task_id, "cancelled", time.time(), 5, 4))
+    publisher.board.apply(event("cancelled", 4, task_id=task_id))
     assert client.get(f"/tasks/{task_id}").json()["status"] == "cancelled"
 
 
@@ -200,7 +204,7 @@ def test_cancelling_twice_is_harmless(client: TestClient[Any], publisher: Cancel
 
 def test_cancelling_a_finished_task_is_a_409(client: TestClient[Any], publisher: CancellingPublisher) -> None:
     task_id = post(client)
-    publisher.board.apply(tasks.TaskEvent(task_id, "succeeded", time.time(), 5, 0))
+    publisher.board.apply(event("succeeded", 0, task_id=task_id))
 
     response = client.delete(f"/tasks/{task_id}")
 
@@ -227,7 +231,7 @@ def test_a_cancellation_the_broker_did_not_take_is_a_503(
 def test_cancelling_needs_the_api_token_when_one_is_set() -> None:
     publisher = CancellingPublisher(msgspec.structs.replace(tasks.settings, api_token="a-long-enough-test-token"))
     with TestClient(main.create_app(publisher)) as client:
-        publisher.board.apply(tasks.TaskEvent("t1", "queued", time.time(), 5, 5))
+        publisher.board.apply(event("queued"))
 
         response = client.delete("/tasks/t1")
 
@@ -239,8 +243,8 @@ def test_the_event_stream_of_a_finished_task_sends_its_end_and_closes(
     client: TestClient[Any], publisher: CancellingPublisher
 ) -> None:
     task_id = post(client, seconds=2)
-    for kind, remaining in [("started", 2), ("progress", 1), ("succeeded", 0)]:
-        publisher.board.apply(tasks.TaskEvent(task_id, kind, time.time(), 2, remaining))  # type: ignore[arg-type]
+    for kind, done in [("started", 0), ("progress", 1), ("succeeded", 2)]:
+        publisher.board.apply(tasks.TaskEvent(task_id, kind, time.time(), "countdown", done=done, total=2))  # type: ignore[arg-type]
 
     response = client.get(f"/tasks/{task_id}/events")
 

@@ -35,6 +35,18 @@ async function start(page, seconds) {
   return { id, row };
 }
 
+// Start a job through the API, as another client would; the page finds it by itself.
+async function startJob(page, name, body) {
+  const response = await page.request.post(`${base}/jobs/${name}`, {
+    data: body,
+    headers: { Authorization: `Bearer ${token}` },
+  });
+  check(response.status() === 202, `POST /jobs/${name} answered ${response.status()}: ${await response.text()}`);
+  const { id } = await response.json();
+  const row = page.getByRole("row").filter({ has: page.getByTitle(id, { exact: true }) });
+  return { id, row };
+}
+
 async function waitForStatus(row, status) {
   await row.getByRole("cell", { name: status, exact: true }).waitFor();
 }
@@ -98,6 +110,22 @@ async function visit(page) {
   await waitForStatus(long.row, "cancelled");
   await waitForProgress(page, running.row, 2);
   await waitForStatus(running.row, "running");
+
+  step("a tally job started elsewhere appears, and shows its progress, message and result");
+  const tally = await startJob(page, "tally", { title: "fruit", words: ["apple", "pear", "apple"] });
+  await tally.row.getByRole("cell", { name: "tally", exact: true }).waitFor();
+  await waitForProgress(page, tally.row, 1);
+  await tally.row.getByText(/^counting '(pear|apple)'$/).waitFor();
+  await waitForStatus(tally.row, "succeeded");
+  await tally.row.getByText('{"title":"fruit","counts":{"apple":2,"pear":1}}', { exact: true }).waitFor();
+  const counted = await progress(tally.row);
+  check(counted.max === 3 && counted.value === 3, `the tally's bar is at ${counted.value} of ${counted.max}`);
+
+  step("a failing tally job shows its error, and fails at its second attempt");
+  const failing = await startJob(page, "tally", { title: "oops", words: ["fail"] });
+  await waitForStatus(failing.row, "failed");
+  await failing.row.getByText("ValueError: oops: cannot count 'fail' (attempt 2)", { exact: true }).waitFor();
+  await waitForStatus(running.row, "running");
   await page.screenshot({ path: screenshot, fullPage: true });
 
   // A browser opens six connections to a server at most; were each task to
@@ -110,7 +138,14 @@ async function visit(page) {
   for (const task of crowd) await waitForStatus(task.row, "succeeded");
 
   check(problems.length === 0, `the page reported errors:\n${problems.join("\n")}`);
-  return { succeeded: short.id, cancelled: long.id, running: running.id, crowd: crowd.map((task) => task.id) };
+  return {
+    succeeded: short.id,
+    cancelled: long.id,
+    running: running.id,
+    tally: tally.id,
+    failing: failing.id,
+    crowd: crowd.map((task) => task.id),
+  };
 }
 
 const browser = await chromium.launch({
@@ -129,7 +164,7 @@ const browser = await chromium.launch({
 let failed = false;
 try {
   const context = await browser.newContext({
-    viewport: { width: 900, height: 400 },
+    viewport: { width: 1100, height: 400 },
     deviceScaleFactor: 2,
     locale: "en-GB",
     timezoneId: "UTC",
