@@ -316,3 +316,21 @@ def test_the_broker_url_is_a_secret_not_part_of_any_config() -> None:
 
     assert render_env["CLOUDAMQP_URL"] == {"key": "CLOUDAMQP_URL", "sync": False}
     assert "CLOUDAMQP_URL" not in FLY.get("env", {})
+
+
+def test_public_deploys_put_the_tasks_routes_behind_a_token() -> None:
+    render_env = {variable["key"]: variable for variable in RENDER["envVars"]}
+    readme = (ROOT / "README.md").read_text()
+
+    assert render_env["API_TOKEN"] == {"key": "API_TOKEN", "generateValue": True}
+    assert 'fly secrets set API_TOKEN="$TOKEN"' in readme
+    assert "API_TOKEN" not in FLY.get("env", {})  # a secret, never in the file
+    assert SETTINGS["api_token"] == ""  # the local quick start stays open
+
+
+def test_fly_sends_a_machine_no_more_connections_than_it_holds_streams_for() -> None:
+    concurrency = FLY["http_service"]["concurrency"]
+
+    assert concurrency["type"] == "connections"
+    assert SETTINGS["max_event_streams"] < concurrency["hard_limit"] <= SETTINGS["max_event_streams"] + 100
+    assert concurrency["soft_limit"] < concurrency["hard_limit"]
