@@ -271,12 +271,23 @@ def test_a_client_over_the_rate_limit_gets_a_429_with_retry_after() -> None:
     assert answers[3].headers["content-type"] == "application/problem+json"
 
 
-def test_the_rate_limit_counts_only_task_creation() -> None:
+def test_the_rate_limit_counts_only_writes() -> None:
     with hardened_client(rate_limit_per_minute=1) as client:
         client.post("/tasks", json={"seconds": 1})
 
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200
+        assert client.get("/tasks").status_code == 200
+
+
+def test_cancels_count_against_the_rate_limit() -> None:
+    with hardened_client(rate_limit_per_minute=2) as client:
+        task_id = client.post("/tasks", json={"seconds": 1}).json()["id"]
+        first = client.delete(f"/tasks/{task_id}")
+        second = client.delete(f"/tasks/{task_id}")
+
+    assert first.status_code != 429
+    assert second.status_code == 429
 
 
 def test_behind_a_proxy_each_client_address_has_its_own_limit() -> None:

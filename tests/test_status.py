@@ -191,6 +191,19 @@ def test_cancelling_a_running_task_waits_for_the_worker(
     assert client.get(f"/tasks/{task_id}").json()["status"] == "cancelled"
 
 
+def test_cancelling_a_running_task_again_writes_nothing_new(
+    client: TestClient[Any], publisher: CancellingPublisher
+) -> None:
+    task_id = post(client)
+    publisher.board.apply(event("started", task_id=task_id))
+
+    answers = [client.delete(f"/tasks/{task_id}") for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [202, 202, 202]
+    assert [answer.json()["status"] for answer in answers] == ["cancelling"] * 3
+    assert publisher.cancelled == [task_id]
+
+
 def test_cancelling_twice_is_harmless(client: TestClient[Any], publisher: CancellingPublisher) -> None:
     task_id = post(client)
     client.delete(f"/tasks/{task_id}")
