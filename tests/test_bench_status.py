@@ -78,6 +78,7 @@ def test_a_web_start_is_ready_only_once_its_board_is_rebuilt(status: dict[str, A
 
     for start in (rebuild["empty"], rebuild["full"]):
         assert 0 < start["launch_to_rebuilt_s"] <= start["launch_to_ready_s"]
+        assert 0 < start["cpu_s_to_rebuilt"] < start["launch_to_rebuilt_s"] * 2  # two cores at most
         assert start["web_pss_mib"] > 0
 
 
