@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -152,12 +153,11 @@ def countdown_events(task_id: str, queued_at: float) -> list[Any]:
     ]
 
 
-def write_events(stream: str, count: int, messages_per_task: float) -> int:
-    """Write ``count`` finished countdowns' events to a new events stream, in
-    as many messages per task as real traffic took (figure 1): their events in
-    time order, cut into that many batches. Their times spread over the last
-    ``WRITTEN_OVER`` seconds, inside the default memory window."""
-    tasks = core()
+def countdown_batches(count: int, messages_per_task: float) -> list[bytes]:
+    """``count`` finished countdowns' events, in as many messages per task as
+    real traffic took (figure 1): their events in time order, cut into that
+    many batches. Their times spread over the last ``WRITTEN_OVER`` seconds,
+    inside the default memory window."""
     now = time.time()
     events = sorted(
         (
@@ -169,18 +169,32 @@ def write_events(stream: str, count: int, messages_per_task: float) -> int:
     )
     messages = max(1, round(messages_per_task * count))
     size, extra = divmod(len(events), messages)
+    bounds = [number * size + min(number, extra) for number in range(messages + 1)]
+    return [msgspec.json.encode(events[start:end]) for start, end in itertools.pairwise(bounds)]
+
+
+def write_events(stream: str, batches: list[bytes]) -> None:
+    """The batches, to a new events stream."""
     with pika.BlockingConnection(pika.URLParameters(RABBIT_URL)) as connection:
         channel = connection.channel()
-        channel.queue_declare(stream, durable=True, arguments=tasks.EVENTS_ARGUMENTS)
-        start = 0
-        for number in range(messages):
-            if number == messages - 1:
-                # One channel writes in order: once the last batch is confirmed, all are in the stream.
-                channel.confirm_delivery()
-            end = start + size + (number < extra)
-            channel.basic_publish("", stream, msgspec.json.encode(events[start:end]))
-            start = end
-    return messages
+        channel.queue_declare(stream, durable=True, arguments=core().EVENTS_ARGUMENTS)
+        for batch in batches[:-1]:
+            channel.basic_publish("", stream, batch)
+        # One channel writes in order: once the last batch is confirmed, all are in the stream.
+        channel.confirm_delivery()
+        channel.basic_publish("", stream, batches[-1])
+
+
+def apply_cpu_seconds(batches: list[bytes]) -> float:
+    """CPU seconds that a web process's decoding and applying of the batches
+    takes alone, in this process: the rest of a rebuild is AMQP."""
+    import main  # noqa: PLC0415 - the web module, loaded only for these figures
+
+    publisher = main.Publisher(core().settings)
+    started = time.process_time()
+    for batch in batches:
+        publisher.apply_batch(batch)
+    return time.process_time() - started
 
 
 def messages_since(stream: str, since: datetime) -> int:
@@ -252,13 +266,15 @@ def rebuild(scratch: Scratch, count: int, messages_per_task: float) -> dict[str,
     """A web start on an empty events stream, then one on ``count`` finished countdowns' events."""
     empty = web_start(scratch, new_queue("status"))
     queue = new_queue("status")
-    written = write_events(f"{queue}.events", count, messages_per_task)
+    batches = countdown_batches(count, messages_per_task)
+    write_events(f"{queue}.events", batches)
     full = web_start(scratch, queue)
     if full["tasks_rebuilt"] != count:
         raise RuntimeError(f"the board was rebuilt with {full['tasks_rebuilt']} tasks, not {count}")
     return {
         "tasks": count,
-        "messages_written": written,
+        "messages_written": len(batches),
+        "apply_cpu_s": apply_cpu_seconds(batches),
         "empty": empty,
         "full": full,
         "messages_read_per_10000_tasks": full["messages_read"] * 10_000 / count,
@@ -372,6 +388,7 @@ def markdown(figures: dict[str, Any]) -> str:
             f"| {empty['launch_to_ready_s']:.2f} / {full['launch_to_ready_s']:.2f} |",
             f"| CPU seconds of the web process to `task board rebuilt`, empty stream / {tasks} "
             f"| {empty['cpu_s_to_rebuilt']:.2f} / {full['cpu_s_to_rebuilt']:.2f} |",
+            f"| of which decoding and applying the events, alone (CPU s, {tasks}) | {rebuilt['apply_cpu_s']:.2f} |",
             f"| web process PSS after the start, empty stream / {tasks} (MiB) "
             f"| {empty['web_pss_mib']:.1f} / {full['web_pss_mib']:.1f} |",
             f"| web process RSS after the start, empty stream / {tasks} (MiB) "

@@ -73,6 +73,12 @@ def test_a_web_start_reads_every_message_of_the_window_then_its_own_marker(statu
     assert rebuild["tasks"] < rebuild["messages_written"] < rebuild["tasks"] * 12
 
 
+def test_decoding_and_applying_the_events_is_a_part_of_the_rebuild(status: dict[str, Any]) -> None:
+    rebuild = status["figures"]["rebuild"]
+
+    assert 0 < rebuild["apply_cpu_s"] < rebuild["full"]["cpu_s_to_rebuilt"]
+
+
 def test_a_web_start_is_ready_only_once_its_board_is_rebuilt(status: dict[str, Any]) -> None:
     rebuild = status["figures"]["rebuild"]
 
