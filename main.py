@@ -62,8 +62,11 @@ KEEPALIVE_SECONDS = 15
 EVENT_BATCH_SECONDS = 0.05
 BODY_TIMEOUT_SECONDS = 10
 # The longest a starting web process waits to read the task events of its
-# memory window before it serves anyway (README: about 1 s per 10,000 tasks).
+# memory window before it serves anyway (README, "Task status").
 REBUILD_SECONDS = 20
+# Stream deliveries acknowledged at once: below the stream's window
+# (tasks.STREAM_PREFETCH), or the broker would wait for an ack that never comes.
+ACK_EVERY = 50
 # The worker's format (Dramatiq's), so that both programs read alike.
 LOG_FORMAT = "[%(asctime)s] [PID %(process)d] [%(name)s] [%(levelname)s] %(message)s"
 
@@ -340,8 +343,11 @@ class Publisher:
         offset = (properties.headers or {}).get("x-stream-offset")
         if isinstance(offset, int):
             self.offset = offset
-        assert message.delivery_tag is not None  # a stream consumer acknowledges
-        await message.channel.basic_ack(message.delivery_tag)
+        # One acknowledgement for many: a start reads every message of the
+        # window, and each ack is a frame. Fewer than the window stay unacked.
+        assert message.delivery_tag is not None
+        if message.delivery_tag % ACK_EVERY == 0 or properties.message_type == tasks.SYNC:
+            await message.channel.basic_ack(message.delivery_tag, multiple=True)
 
     def apply_batch(self, body: bytes) -> None:
         try:

@@ -288,7 +288,7 @@ def declare_or_exit(settings: Settings) -> None:
     """
     try:
         connection = pika.BlockingConnection(connection_parameters(settings))
-    except pika.exceptions.AMQPError:
+    except (pika.exceptions.AMQPError, OSError):  # OSError: TLS refused, for one
         return
     try:
         for name, arguments in queues(settings).items():
@@ -810,6 +810,7 @@ RELOAD_FILES = ("main.py", "tasks.py", SETTINGS_FILE.name)
 
 def run_web() -> NoReturn:
     """Replace this process with granian serving main:app."""
+    os.environ["ONEBOX_PROGRAM"] = "web"
     declare_or_exit(settings)
     options = {
         "--interface": "asgi",
@@ -825,7 +826,6 @@ def run_web() -> NoReturn:
         # A long response must not hold a stop past the grace period.
         "--workers-kill-timeout": str(settings.stop_grace),
     }
-    os.environ["ONEBOX_PROGRAM"] = "web"
     if settings.metrics:
         # prometheus_client reads it as it loads, in every granian worker.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = fresh_metrics_dir("web")
@@ -848,6 +848,7 @@ def run_web() -> NoReturn:
 
 def run_worker() -> NoReturn:
     """Replace this process with the Dramatiq worker for this module."""
+    os.environ["ONEBOX_PROGRAM"] = "worker"
     declare_or_exit(settings)
     # Dramatiq reads its prefetch from the environment. Its delay-queue
     # default (threads x 1000) breaks CloudAMQP's limit on unacked messages.
@@ -858,7 +859,6 @@ def run_worker() -> NoReturn:
         "--threads": str(settings.worker_threads),
         "--worker-shutdown-timeout": str(settings.stop_grace * 1000),
     }
-    os.environ["ONEBOX_PROGRAM"] = "worker"
     if settings.metrics:
         fresh_metrics_dir("worker")
     dramatiq_main = ["-m", "dramatiq"]

@@ -76,9 +76,8 @@ def delete_queues(queue: str, url: str = RABBIT_URL) -> None:
     connection = rabbit_connection(url)
     try:
         channel = connection.channel()
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ", f"{queue}.cancellations"):
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ", f"{queue}.cancellations", f"{queue}.events"):
             channel.queue_delete(name)
-        channel.exchange_delete(f"{queue}.events")
     finally:
         connection.close()
 

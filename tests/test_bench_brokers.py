@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, declared_with_prefix, require_tool
 
 # The quick run takes about a minute, more on a busy machine.
-pytestmark = pytest.mark.timeout(300)
+# About 80 s: run with -m slow; CI runs run.py's and status.py's quick modes.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -432,7 +432,15 @@ def worker_killed(rig: Rig, figures: list[dict[str, Any]]) -> Trial:
         task_id = post(rig.base, 3)
         rig.stack.wait_for(rf"task {task_id} started seconds=3 attempt=1 redelivered=no")
         mark = len(rig.stack.lines)
-        (child,) = rig.program("dramatiq").children()
+        # Dramatiq's worker process: the one with broker connections (the
+        # metrics server is a child of Dramatiq's main process too).
+        (child,) = [
+            process
+            for process in rig.program("dramatiq").children()
+            if any(
+                connection.raddr and connection.raddr.port == rig.proxy.port for connection in process.net_connections()
+            )
+        ]
         start = time.monotonic()
         child.kill()
         rig.stack.wait_for(r"spawned: 'worker'", 30, mark)

@@ -12,13 +12,14 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import psutil
 import pytest
-from conftest import Broker, Process, TcpProxy, free_port, stack_env, start_stack, wait_http
+from conftest import Broker, Process, TcpProxy, delete_queues, free_port, stack_env, start_stack, wait_http
 
 TOKEN = "a-token-of-16-chars-or-more"
 
@@ -241,20 +242,32 @@ def test_streams_are_given_back_when_their_clients_leave(hostile: tuple[str, str
 # -- Who may see and cancel ------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[tuple[str, str]]:
+    """One stack with API_TOKEN set for the token's tests, and a countdown running on it."""
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    port = free_port()
+    stack = start_stack(PORT=port, QUEUE_NAME=queue, API_TOKEN=TOKEN)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/readyz", timeout=40)
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        yield base, httpx.post(f"{base}/tasks", json={"seconds": 60}, headers=bearer).json()["id"]
+    finally:
+        stack.stop()
+        delete_queues(queue)
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/tasks"), ("GET", "/tasks/{id}"), ("GET", "/tasks/{id}/events"), ("DELETE", "/tasks/{id}")],
 )
-def test_with_a_token_every_tasks_route_needs_it(
-    stacks: list[Process], queue_name: str, method: str, path: str
-) -> None:
-    _, base = started(stacks, queue_name, API_TOKEN=TOKEN)
-    bearer = {"Authorization": f"Bearer {TOKEN}"}
-    task_id = httpx.post(f"{base}/tasks", json={"seconds": 30}, headers=bearer).json()["id"]
+def test_with_a_token_every_tasks_route_needs_it(guarded: tuple[str, str], method: str, path: str) -> None:
+    base, task_id = guarded
     url = base + path.format(id=task_id)
 
     refused = httpx.request(method, url, timeout=5)
-    with httpx.stream(method, url, headers=bearer, timeout=5) as allowed:
+    with httpx.stream(method, url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5) as allowed:
         allowed_status = allowed.status_code
 
     assert refused.status_code == 401
@@ -262,7 +275,15 @@ def test_with_a_token_every_tasks_route_needs_it(
     assert allowed_status in (200, 202)
 
 
-def test_with_a_token_the_page_docs_and_health_checks_stay_open(stacks: list[Process], queue_name: str) -> None:
-    _, base = started(stacks, queue_name, API_TOKEN=TOKEN)
+def test_with_a_token_starting_a_job_needs_it(guarded: tuple[str, str]) -> None:
+    base, _ = guarded
+
+    refused = httpx.post(f"{base}/jobs/tally", json={"title": "t", "words": ["a"]}, timeout=5)
+
+    assert refused.status_code == 401
+
+
+def test_with_a_token_the_page_docs_and_health_checks_stay_open(guarded: tuple[str, str]) -> None:
+    base, _ = guarded
 
     assert [httpx.get(f"{base}{path}").status_code for path in ("/", "/healthz", "/readyz", "/docs")] == [200] * 4
