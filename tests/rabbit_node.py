@@ -30,7 +30,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RabbitNode:
+class Node:
+    """What a test does to a RabbitMQ node, through its rabbitmqctl."""
+
+    def ctl(self, *arguments: str, timeout: float = 60) -> str:
+        raise NotImplementedError
+
+    def stop_app(self) -> None:
+        """Stop RabbitMQ in the running Erlang VM: every connection closes."""
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.ctl("await_startup")
+
+    def set_memory_watermark(self, fraction: float) -> None:
+        """Below the node's own use, RabbitMQ blocks every publishing connection."""
+        self.ctl("set_vm_memory_high_watermark", format(fraction, "f"))
+
+
+def output_of(result: subprocess.CompletedProcess[str], arguments: tuple[str, ...]) -> str:
+    """rabbitmqctl's output, or an AssertionError that shows it."""
+    if result.returncode != 0:
+        raise AssertionError(
+            f"rabbitmqctl {' '.join(arguments)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )
+    return result.stdout
+
+
+class RabbitNode(Node):
     """One RabbitMQ node on 127.0.0.1, started and stopped by its owner."""
 
     def __init__(self, metrics: bool = False) -> None:
@@ -134,23 +162,7 @@ class RabbitNode:
             env=self.environment(),
             cwd=self.home,
         )
-        if result.returncode != 0:
-            raise AssertionError(
-                f"rabbitmqctl {' '.join(arguments)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-            )
-        return result.stdout
-
-    def stop_app(self) -> None:
-        """Stop RabbitMQ in the running Erlang VM: every connection closes."""
-        self.ctl("stop_app")
-
-    def start_app(self) -> None:
-        self.ctl("start_app")
-        self.ctl("await_startup")
-
-    def set_memory_watermark(self, fraction: float) -> None:
-        """Below the node's own use, RabbitMQ blocks every publishing connection."""
-        self.ctl("set_vm_memory_high_watermark", format(fraction, "f"))
+        return output_of(result, arguments)
 
     def stop(self) -> None:
         """Stop the node and delete its folder, whatever state it is in."""
@@ -178,7 +190,7 @@ class RabbitNode:
 RABBITMQ_IMAGE = os.environ.get("RABBITMQ_IMAGE", "docker.io/library/rabbitmq:4.0.5")
 
 
-class RabbitContainer:
+class RabbitContainer(Node):
     """One RabbitMQ node in a container (RABBITMQ_IMAGE), on 127.0.0.1.
 
     The same interface as RabbitNode. Host networking, as podman works here:
@@ -248,21 +260,7 @@ class RabbitContainer:
             [self.podman, "exec", self.name, "rabbitmqctl", "-n", self.node, *arguments],
             capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
-        if result.returncode != 0:
-            raise AssertionError(
-                f"rabbitmqctl {' '.join(arguments)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-            )
-        return result.stdout
-
-    def stop_app(self) -> None:
-        self.ctl("stop_app")
-
-    def start_app(self) -> None:
-        self.ctl("start_app")
-        self.ctl("await_startup")
-
-    def set_memory_watermark(self, fraction: float) -> None:
-        self.ctl("set_vm_memory_high_watermark", format(fraction, "f"))
+        return output_of(result, arguments)
 
     def stop(self) -> None:
         subprocess.run([self.podman, "rm", "-f", "-t", "0", self.name], capture_output=True, check=False, timeout=60)

@@ -392,17 +392,21 @@ def test_messages_per_10_second_countdown_fit_the_monthly_quota(
 # -- Queues that disappear ------------------------------------------------------------
 
 
+def delete_and_wait_until_it_is_back(broker: Broker, queue: str, worker: Process, timeout: float = 20) -> None:
+    connection = rabbit_connection(broker.url)
+    connection.channel().queue_delete(queue)
+    connection.close()
+    deadline = time.monotonic() + timeout
+    while not queue_exists(broker.url, queue):
+        assert time.monotonic() < deadline, worker.tail
+        time.sleep(0.2)
+
+
 def test_a_deleted_task_queue_is_declared_again_by_the_worker(broker: Broker, broker_queue: str) -> None:
     worker = worker_process(broker, broker_queue)
     try:
         worker.wait_for(r"cancellations read")
-        connection = rabbit_connection(broker.url)
-        connection.channel().queue_delete(broker_queue)
-        connection.close()
-        deadline = time.monotonic() + 20
-        while not queue_exists(broker.url, broker_queue):
-            assert time.monotonic() < deadline, worker.tail
-            time.sleep(0.2)
+        delete_and_wait_until_it_is_back(broker, broker_queue, worker)
         body, properties = countdown_message(broker_queue, 1)
         publish(broker.url, broker_queue, [(body, properties)])
 
@@ -418,13 +422,7 @@ def test_a_deleted_cancellation_stream_is_declared_again_and_cancels_still_reach
     worker = worker_process(broker, broker_queue)
     try:
         worker.wait_for(r"cancellations read")
-        connection = rabbit_connection(broker.url)
-        connection.channel().queue_delete(stream)
-        connection.close()
-        deadline = time.monotonic() + 10
-        while not queue_exists(broker.url, stream):
-            assert time.monotonic() < deadline, worker.tail
-            time.sleep(0.2)
+        delete_and_wait_until_it_is_back(broker, stream, worker, timeout=10)
         body, properties = countdown_message(broker_queue, 30)
         publish(broker.url, broker_queue, [(body, properties)])
         worker.wait_for(rf"task {properties.message_id} started")
