@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -30,11 +31,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Node:
+class Node(ABC):
     """What a test does to a RabbitMQ node, through its rabbitmqctl."""
 
+    @abstractmethod
     def ctl(self, *arguments: str, timeout: float = 60) -> str:
-        raise NotImplementedError
+        """``rabbitmqctl -n NODE arguments``; its output, or an AssertionError."""
 
     def stop_app(self) -> None:
         """Stop RabbitMQ in the running Erlang VM: every connection closes."""
