@@ -62,6 +62,21 @@ def declared_with_prefix(kind: str, prefixes: list[str], ctl: Callable[..., str]
     return [name for name in names if name.partition(".")[0] in prefixes]
 
 
+def copy_checkout(destination: Path, skip: tuple[str, ...] = ()) -> None:
+    """The checkout's files (tracked, and untracked ones git does not ignore) copied to ``destination``."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file() and not (skip and name.startswith(skip)):
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

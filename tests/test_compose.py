@@ -16,7 +16,6 @@ timer would.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, Process, free_port, require_tool, wait_http
+from conftest import ROOT, Process, copy_checkout, free_port, require_tool, wait_http
 
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 STOP_BUDGET = tomllib.loads((ROOT / "fly.toml").read_text())["kill_timeout"]
@@ -144,17 +143,7 @@ def test_the_development_variant_restarts_web_and_worker_on_a_change_of_the_chec
     project: Project, tmp_path: Path
 ) -> None:
     # A copy of the checkout, so that the test can edit it.
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file() and not name.startswith(("tests/", "bench/", "docs/")):
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, tmp_path / name)
+    copy_checkout(tmp_path, skip=("tests/", "bench/", "docs/"))
     tmp_path.chmod(0o755)  # the container's user reads the checkout
     project.directory, project.files = tmp_path, (*project.files, "compose.dev.yaml")
     project.compose("up", "--build", "-d", timeout=600)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, ROOT, require_tool
+from conftest import IN_CI, ROOT, copy_checkout, require_tool
 
 README = (ROOT / "README.md").read_text()
 COMMANDS = re.findall(r"^```bash\n(.*?)\n```$", README, re.MULTILINE | re.DOTALL)
@@ -52,17 +51,7 @@ def test_the_test_command_works_with_an_externally_managed_python(tmp_path: Path
             pytest.fail(message)
         pytest.skip(message)
     checkout = tmp_path / "onebox"
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, checkout / name)
+    copy_checkout(checkout)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "UV_", "PYTEST"))}
     env["UV_PYTHON"] = str(SYSTEM_PYTHON)
 
