@@ -318,8 +318,12 @@ def raw_publish(url: str, queue: str, inflight: int, seconds: float) -> dict[str
 
 def _role(process: psutil.Process) -> str:
     command = " ".join(process.cmdline())
-    if "supervisord" in command:
+    if "supervisord" in command or "supervise.py" in command:
         return "supervisord"
+    # onebox's programs, each one process by default.
+    for program in ("web", "worker"):
+        if command.endswith(f"tasks.py {program}"):
+            return program
     if command.startswith("sh -c"):
         return "exit-on-fatal listener"
     for program in ("granian", "dramatiq", "uvicorn"):

@@ -70,7 +70,7 @@ async def measure() -> None:
     for _ in range(ROUNDS):
         for enabled in (False, True):
             settings = msgspec.structs.replace(tasks.settings, metrics=enabled)
-            figures[enabled].append(await cpu_per_request(main.create_app(main.Publisher(settings))))
+            figures[enabled].append(await cpu_per_request(main.create_app(*main.web_parts(settings))))
     differences = [on - off for off, on in zip(figures[False], figures[True], strict=True)]
     print(f"metrics off: {statistics.median(figures[False]):.0f} µs CPU per request (median of {ROUNDS} rounds)")
     print(f"metrics on:  {statistics.median(figures[True]):.0f} µs CPU per request")

@@ -1,12 +1,15 @@
 """onebox's benchmarks, side by side with the stack tutorials ship and with
 the ceilings, in one run on one machine:
 
-    uv run python bench/run.py            # 3 runs, medians: the README's figures
+    uv run python bench/run.py            # 3 runs, medians: docs/benchmarks.md's figures
     uv run python bench/run.py --quick    # one short round per figure (CI)
 
-Needs RabbitMQ on 127.0.0.1:5672 (guest/guest) and wrk. Writes
+onebox runs as deployed (metrics and the default rate limit on, each request
+from an address of its own: many users, none near the limit), but for figure
+7, whose 500 countdowns come from one client. Needs RabbitMQ on
+127.0.0.1:5672 (guest/guest) and wrk. Writes
 bench/results/latest.{json,png,md} (quick: quick.*): raw figures of every
-run, their medians, the targets met or missed, a chart and the README table.
+run, their medians, the targets met or missed, a chart and docs/benchmarks.md's tables.
 
 Figures: 1 enqueue throughput and latency at 1, 16 and 64 clients, the
 worker paused so that the queue can be counted; 2 the same with the broker
@@ -71,6 +74,11 @@ DRAMATIQ_DEFAULTS = {"processes": os.cpu_count() or 1, "threads": 8}
 COUNTDOWN_SECONDS = 30
 # settings.toml's rate_limit_per_minute.
 LIMIT_DEFAULT = 60
+# onebox as deployed: metrics on (the default), the default rate limit on,
+# behind a proxy that names the client (CLIENT_HEADER). Every load (post-clients.lua) sends
+# its requests from 8,000 addresses in turn: many users, none near the limit.
+CLIENT_HEADER = "X-Forwarded-For"
+LOAD = "post-clients.lua"
 # Tasks run before the metrics endpoint is timed, so that it holds worker figures.
 SCRAPE_TASKS = 20
 PACKAGES = (
@@ -113,7 +121,7 @@ def say(text: str) -> None:
 # -- Figures 1 and 2: enqueue throughput and latency ------------------------------------
 
 
-def load_rounds(stack: Stack, plan: Plan, script: str = "post.lua") -> dict[str, dict[str, float]]:
+def load_rounds(stack: Stack, plan: Plan, script: str = LOAD) -> dict[str, dict[str, float]]:
     """One wrk round per level; with a queue, its messages counted after each."""
     first_accepted(stack.url)
     # Warm up: every connection opened, every lazy import done.
@@ -151,7 +159,14 @@ def raw_rounds(broker_url: str, plan: Plan) -> dict[str, dict[str, float]]:
 def enqueue(plan: Plan, scratch: Scratch, broker_url: str, with_bare: bool) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     say(f"  onebox, worker paused, broker {broker_url.rpartition('@')[2]}")
-    with onebox(scratch, new_queue("onebox"), paused=True, broker_url=broker_url) as stack:
+    with onebox(
+        scratch,
+        new_queue("onebox"),
+        paused=True,
+        broker_url=broker_url,
+        RATE_LIMIT_PER_MINUTE=LIMIT_DEFAULT,
+        CLIENT_IP_HEADER=CLIENT_HEADER,
+    ) as stack:
         figures["onebox"] = load_rounds(stack, plan)
     say("  comparison, worker paused")
     with plain(new_queue("plain"), worker=False, broker_url=broker_url) as stack:
@@ -167,16 +182,15 @@ def enqueue(plan: Plan, scratch: Scratch, broker_url: str, with_bare: bool) -> d
 
 def rate_limiter(plan: Plan, scratch: Scratch) -> dict[str, dict[str, float]]:
     """onebox at the peak level with its per-client limiter off, then on at
-    its default limit, each request from an address of its own (as many
+    its default limit, requests from 8,000 addresses in turn (as many
     users, none near the limit): what the limiter costs."""
     rounds: dict[str, dict[str, float]] = {}
     for state, limit in (("off", 0), ("on", LIMIT_DEFAULT)):
-        header = "X-Forwarded-For"
         with onebox(
-            scratch, new_queue("onebox"), paused=True, RATE_LIMIT_PER_MINUTE=limit, CLIENT_IP_HEADER=header
+            scratch, new_queue("onebox"), paused=True, RATE_LIMIT_PER_MINUTE=limit, CLIENT_IP_HEADER=CLIENT_HEADER
         ) as stack:
             peak = replace(plan, levels=(PEAK_CLIENTS,))
-            rounds[state] = load_rounds(stack, peak, "post-clients.lua")[str(PEAK_CLIENTS)]
+            rounds[state] = load_rounds(stack, peak)[str(PEAK_CLIENTS)]
     return rounds
 
 
@@ -186,7 +200,14 @@ def metrics_cost(plan: Plan, scratch: Scratch) -> dict[str, Any]:
     the worker running (it serves the endpoint) and figures from both programs."""
     rounds: dict[str, dict[str, dict[str, float]]] = {}
     for state, enabled in (("off", "false"), ("on", "true")):
-        with onebox(scratch, new_queue("onebox"), paused=True, METRICS=enabled) as stack:
+        with onebox(
+            scratch,
+            new_queue("onebox"),
+            paused=True,
+            METRICS=enabled,
+            RATE_LIMIT_PER_MINUTE=LIMIT_DEFAULT,
+            CLIENT_IP_HEADER=CLIENT_HEADER,
+        ) as stack:
             rounds[state] = load_rounds(stack, replace(plan, levels=(1, PEAK_CLIENTS)))
     metrics_port = free_port()
     with onebox(scratch, new_queue("onebox"), METRICS_PORT=metrics_port) as stack:
@@ -262,7 +283,7 @@ def peak_sample(stack: Stack, seconds: float) -> dict[str, Any]:
     and each process's own maximum."""
     samples: list[dict[str, Any]] = []
     with ThreadPoolExecutor(1) as pool:
-        load = pool.submit(wrk, stack.url, PEAK_CLIENTS, seconds)
+        load = pool.submit(wrk, stack.url, PEAK_CLIENTS, seconds, LOAD)
         time.sleep(min(1.0, seconds / 4))
         while not load.done():
             samples.append(sample(stack.processes))
@@ -366,7 +387,12 @@ def measure(plan: Plan, scratch: Scratch) -> dict[str, Any]:
         delayed = enqueue(plan, scratch, proxy.url, with_bare=False)
     say("figures 3-6: whole stacks, launch to peak")
     stacks = {
-        "onebox": whole_stack(lambda: onebox(scratch, new_queue("onebox")), plan),
+        "onebox": whole_stack(
+            lambda: onebox(
+                scratch, new_queue("onebox"), RATE_LIMIT_PER_MINUTE=LIMIT_DEFAULT, CLIENT_IP_HEADER=CLIENT_HEADER
+            ),
+            plan,
+        ),
         "comparison": whole_stack(lambda: plain(new_queue("plain")), plan),
     }
     say("figure 7: countdowns at once")
@@ -458,7 +484,7 @@ def main() -> None:
         "--core",
         type=Path,
         default=ROOT,
-        help="measure the main.py, tasks.py, settings.toml and supervisord.conf in this directory instead",
+        help="measure the core files (main.py, tasks.py, supervise.py, settings.toml, supervisord.conf) found here",
     )
     arguments = parser.parse_args()
     plan = QUICK if arguments.quick else FULL

@@ -1,6 +1,6 @@
 """The systems under test, each started as its users start it.
 
-- onebox: supervisord with supervisord.conf, as the container runs it;
+- onebox: supervisord (supervise.py) with supervisord.conf, as the container runs it;
 - the comparison: uvicorn and ``dramatiq app`` from bench/plain/;
 - the web ceiling: bench/bare.py on granian;
 - the delay proxy that puts the broker 10 ms away.
@@ -126,7 +126,8 @@ def onebox(
         **({"RATE_LIMIT_PER_MINUTE": 0, "METRICS_PORT": free_port()} | settings),
     )
     launched = time.time()
-    process = Process([str(scratch.venv / "bin" / "supervisord"), "-c", str(config)], env)
+    supervise = [str(scratch.venv / "bin" / "python"), str(scratch.core / "supervise.py"), "-c", str(config)]
+    process = Process(supervise, env)
     return Stack("onebox", [process], f"http://127.0.0.1:{port}/tasks", queue, launched, broker_url)
 
 

@@ -16,14 +16,16 @@ local RabbitMQ and measures:
    each progress event minus the worker's clock at the tick (``updated_at``),
    for countdowns watched at once; one machine, one clock;
 4. what a web start costs: ``python tasks.py web`` started on an empty events
-   stream, and on one that holds 10,000 finished countdowns' events (written
-   by the bench, batched as figure 1 measured): the time from launch to its
-   "task board rebuilt" line and to its first ready /readyz, its PSS, and the
-   AMQP messages it read (counted again by a consumer of the bench's own from
-   the same point in time, up to a marker written after the start).
+   stream; then on one that holds 10,000 finished countdowns' events
+   (batched as figure 1 measured) and 5,000 waiting tasks' (no snapshot yet:
+   it reads every event of the window, and writes a snapshot); then again,
+   once 56 more countdowns (some 500 messages) have ended since: the time
+   from launch to its "task board rebuilt" line and to its first ready
+   /readyz, its CPU and memory, and the AMQP messages the broker delivered to
+   it up to that line (counted in a proxy between the two).
 
---quick (CI) posts 2,000 tasks for figure 2 and rebuilds 1,000 for figure 4,
-and scales them to 10,000.
+--quick (CI) posts 2,000 tasks for figure 2 and starts on 1,000 finished and
+500 waiting tasks for figure 4.
 
 Writes bench/results/status{,-quick}.json and prints a Markdown table.
 """
@@ -38,8 +40,10 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import uuid
@@ -53,6 +57,7 @@ import httpx
 import msgspec
 import pika
 from harness import (
+    AMQP_PORT,
     BENCH,
     MIB,
     RABBIT_URL,
@@ -78,6 +83,9 @@ FREE_PLAN_MESSAGES = 1_000_000
 # The rebuilt tasks' events are dated over this many seconds before the web
 # process starts: inside the default memory window (an hour).
 WRITTEN_OVER = 3000
+# Countdowns that end between the first start on a history and the second:
+# some 500 event messages, half of what makes web processes write the next snapshot.
+TRAILING = 56
 ENDS = {"succeeded", "failed", "cancelled"}
 
 
@@ -129,10 +137,14 @@ def events_per_task(stack: Stack, count: int) -> dict[str, float]:
     }
 
 
+# The core under test (--core): where tasks.py and main.py are imported from.
+CORE = [ROOT]
+
+
 def core() -> ModuleType:
     """tasks.py, the one source of the events' shape and the stream's declaration."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    if str(CORE[0]) not in sys.path:
+        sys.path.insert(0, str(CORE[0]))
     import tasks  # noqa: PLC0415 - the core's module, loaded only for the figures that need it
 
     return tasks
@@ -190,57 +202,97 @@ def apply_cpu_seconds(batches: list[bytes]) -> float:
     takes alone, in this process: the rest of a rebuild is AMQP."""
     import main  # noqa: PLC0415 - the web module, loaded only for these figures
 
-    publisher = main.Publisher(core().settings)
+    _, _, feed = main.web_parts(core().settings)
     started = time.process_time()
     for batch in batches:
-        publisher.apply_batch(batch)
+        feed.apply_batch(batch)
     return time.process_time() - started
 
 
-def messages_since(stream: str, since: datetime) -> int:
-    """The messages a reader from ``since`` gets, up to a marker of the bench's own written now."""
-    marker = str(uuid.uuid4())
-    read = 0
-    with pika.BlockingConnection(pika.URLParameters(RABBIT_URL)) as connection:
-        channel = connection.channel()
-        channel.basic_publish("", stream, b"", pika.BasicProperties(type=core().SYNC, message_id=marker))
-        channel.basic_qos(prefetch_count=core().STREAM_PREFETCH)
-        deadline = time.monotonic() + 120
-        for method, properties, _ in channel.consume(
-            stream, arguments={"x-stream-offset": since}, inactivity_timeout=1
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the bench's marker not read back in 120 s ({read} messages read)")
-            if method is None:
-                continue
-            channel.basic_ack(method.delivery_tag)
-            if properties.message_id == marker:
-                break
-            read += 1
-        channel.cancel()
-    return read
+class DeliveryCounter:
+    """A TCP proxy to RabbitMQ that counts the messages the broker delivers
+    through it (AMQP basic.deliver frames): what a web process reads, from
+    the outside, whatever the code under test reports of itself."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.delivered = 0
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                broker = socket.create_connection(("127.0.0.1", AMQP_PORT))
+            except OSError:
+                return
+            self.sockets += [client, broker]
+            threading.Thread(target=self.pump, args=(client, broker, False), daemon=True).start()
+            threading.Thread(target=self.pump, args=(broker, client, True), daemon=True).start()
+
+    def pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        frames = bytearray()
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+                if count:
+                    frames += data
+                    self.count(frames)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def count(self, frames: bytearray) -> None:
+        # A frame: type (1 byte), channel (2), size (4), payload, end (1); basic.deliver is method 60 of class 60.
+        while len(frames) >= 7 and len(frames) >= (end := 8 + int.from_bytes(frames[3:7], "big")):
+            if frames[0] == 1 and frames[7:11] == b"\x00\x3c\x00\x3c":
+                self.delivered += 1
+            del frames[:end]
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 def web_start(scratch: Scratch, queue: str) -> dict[str, float]:
     """Start ``python tasks.py web`` on ``queue``, as supervisord does: the
     times to its "task board rebuilt" line and to its first ready /readyz,
-    its web worker's PSS once ready, and the messages it read at start."""
+    its web worker's PSS once ready, and the messages the broker delivered
+    to it up to a second after that line. It stops once it has written its board's snapshot
+    (a core without snapshots: a few seconds later)."""
     port = free_port()
-    env = child_env(scratch.venv, PORT=port, QUEUE_NAME=queue, CLOUDAMQP_URL=RABBIT_URL, TMPDIR=str(scratch.directory))
-    since = datetime.now(UTC) - timedelta(seconds=core().settings.task_memory_seconds)
+    counter = DeliveryCounter()
+    env = child_env(scratch.venv, PORT=port, QUEUE_NAME=queue, CLOUDAMQP_URL=counter.url, TMPDIR=str(scratch.directory))
     launched = time.time()
     web = Process([str(scratch.venv / "bin" / "python"), "tasks.py", "web"], env, cwd=scratch.core)
-    with running(web):
-        line = web.wait_for(r"task board rebuilt: \d+ tasks", 90)
-        # On a busy machine the times say little alone: the CPU the web process had.
-        cpu = cpu_seconds([web])
-        ready = first_ready(f"http://127.0.0.1:{port}/readyz", launched + 90)
-        time.sleep(1)  # whatever the first requests load
-        memory = web_worker_memory([web])
-        read = messages_since(f"{queue}.events", since)
+    try:
+        with running(web):
+            line = web.wait_for(r"task board rebuilt: \d+ tasks", 90)
+            # On a busy machine the times say little alone: the CPU the web process had.
+            cpu = cpu_seconds([web])
+            ready = first_ready(f"http://127.0.0.1:{port}/readyz", launched + 90)
+            time.sleep(1)  # whatever the first requests load
+            memory = web_worker_memory([web])
+            # A second after the rebuild: the cut a start writes at once when it found no snapshot is counted too.
+            read = counter.delivered
+            written = ""
+            with contextlib.suppress(RuntimeError):
+                written = web.wait_for(r"board snapshot written", 10)
+    finally:
+        counter.close()
     rebuilt = re.search(r"task board rebuilt: (\d+) tasks", line)
     assert rebuilt is not None
+    snapshot = re.search(r"in (\d+) messages", written)
     return {
+        "snapshot_messages_written": int(snapshot[1]) if snapshot else 0,
         "tasks_rebuilt": int(rebuilt[1]),
         "launch_to_rebuilt_s": log_time(line) - launched,
         "launch_to_ready_s": ready - launched,
@@ -262,31 +314,50 @@ def first_ready(url: str, deadline: float) -> float:
     raise RuntimeError(f"no 200 from {url} by the deadline")
 
 
-def rebuild(scratch: Scratch, count: int, messages_per_task: float) -> dict[str, Any]:
-    """A web start on an empty events stream, then one on ``count`` finished countdowns' events."""
+def waiting_batches(count: int) -> list[bytes]:
+    """``count`` tasks that wait in the queue: their "queued" events, ten to a
+    message (a burst of POSTs), dated over the last ``WRITTEN_OVER`` seconds."""
+    now, tasks = time.time(), core()
+    events = [
+        tasks.TaskEvent(str(uuid.uuid4()), "queued", now - WRITTEN_OVER + number * WRITTEN_OVER / count, "countdown")
+        for number in range(count)
+    ]
+    return [msgspec.json.encode(events[start : start + 10]) for start in range(0, count, 10)]
+
+
+def rebuild(scratch: Scratch, finished: int, waiting: int, messages_per_task: float) -> dict[str, Any]:
+    """Web starts: on an empty events stream; on ``finished`` countdowns' and
+    ``waiting`` queued tasks' events (no snapshot yet: every event of the
+    window); and again once TRAILING more countdowns have ended (from the
+    snapshot the first start wrote, if the core writes them)."""
     empty = web_start(scratch, new_queue("status"))
     queue = new_queue("status")
-    batches = countdown_batches(count, messages_per_task)
-    write_events(f"{queue}.events", batches)
-    full = web_start(scratch, queue)
-    if full["tasks_rebuilt"] != count:
-        raise RuntimeError(f"the board was rebuilt with {full['tasks_rebuilt']} tasks, not {count}")
+    history = countdown_batches(finished, messages_per_task) + waiting_batches(waiting)
+    write_events(f"{queue}.events", history)
+    first = web_start(scratch, queue)
+    trailing = countdown_batches(TRAILING, messages_per_task)
+    write_events(f"{queue}.events", trailing)
+    second = web_start(scratch, queue)
     return {
-        "tasks": count,
-        "messages_written": len(batches),
-        "apply_cpu_s": apply_cpu_seconds(batches),
+        "finished": finished,
+        "waiting": waiting,
+        "trailing": TRAILING,
+        "messages_written": len(history),
+        "trailing_messages": len(trailing),
+        "apply_cpu_s": apply_cpu_seconds(history),
         "empty": empty,
-        "full": full,
-        "messages_read_per_10000_tasks": full["messages_read"] * 10_000 / count,
-        "rss_mib_per_10000_tasks": (full["web_rss_mib"] - empty["web_rss_mib"]) * 10_000 / count,
+        "first": first,
+        "second": second,
+        "rss_mib_per_10000_tasks": (first["web_rss_mib"] - empty["web_rss_mib"]) * 10_000 / (finished + waiting),
     }
 
 
 def web_worker_memory(roots: list[Process]) -> dict[str, float]:
-    """The web worker's PSS and RSS. On a shared machine its PSS swings by a
-    MiB or two as other processes map the same libraries; its RSS does not,
-    and is what a difference of boards is taken from."""
-    process = sample(roots)["processes"]["granian worker"]
+    """The web process's PSS and RSS (one process: ``tasks.py web``). On a
+    shared machine its PSS swings by a MiB or two as other processes map the
+    same libraries; its RSS does not, and is what a difference of boards is
+    taken from."""
+    process = sample(roots)["processes"]["web"]
     return {"pss_mib": process["pss_mib"], "rss_mib": process["rss_mib"]}
 
 
@@ -366,8 +437,15 @@ def board_allocation() -> float:
 
 def markdown(figures: dict[str, Any]) -> str:
     events, memory, latency = figures["events"], figures["memory"], figures["latency"]
-    rebuilt, empty, full = figures["rebuild"], figures["rebuild"]["empty"], figures["rebuild"]["full"]
-    tasks = f"{rebuilt['tasks']:,} tasks"
+    rebuilt, second = figures["rebuild"], figures["rebuild"]["second"]
+    starts = (
+        f"empty stream / {rebuilt['finished']:,} finished and {rebuilt['waiting']:,} waiting tasks, no snapshot "
+        f"/ the same and {rebuilt['trailing_messages']:,} messages more"
+    )
+
+    def figure(name: str, style: str) -> str:
+        return " / ".join(format(rebuilt[start][name], style) for start in ("empty", "first", "second"))
+
     return "\n".join(
         [
             "| figure | measured |",
@@ -382,23 +460,17 @@ def markdown(figures: dict[str, Any]) -> str:
             f"| worker tick to SSE client, p50 (ms) | {latency['p50_ms']:.1f} |",
             f"| worker tick to SSE client, p99 (ms) | {latency['p99_ms']:.1f} |",
             f"| worker tick to SSE client, max (ms, {latency['samples']} ticks) | {latency['max_ms']:.1f} |",
-            f"| web start to `task board rebuilt`, empty stream / {tasks} (s) "
-            f"| {empty['launch_to_rebuilt_s']:.2f} / {full['launch_to_rebuilt_s']:.2f} |",
-            f"| web start to first ready `/readyz`, empty stream / {tasks} (s) "
-            f"| {empty['launch_to_ready_s']:.2f} / {full['launch_to_ready_s']:.2f} |",
-            f"| CPU seconds of the web process to `task board rebuilt`, empty stream / {tasks} "
-            f"| {empty['cpu_s_to_rebuilt']:.2f} / {full['cpu_s_to_rebuilt']:.2f} |",
-            f"| of which decoding and applying the events, alone (CPU s, {tasks}) | {rebuilt['apply_cpu_s']:.2f} |",
-            f"| web process PSS after the start, empty stream / {tasks} (MiB) "
-            f"| {empty['web_pss_mib']:.1f} / {full['web_pss_mib']:.1f} |",
-            f"| web process RSS after the start, empty stream / {tasks} (MiB) "
-            f"| {empty['web_rss_mib']:.1f} / {full['web_rss_mib']:.1f} |",
-            f"| AMQP messages a web start reads, empty stream / {tasks} "
-            f"| {empty['messages_read']:,} / {full['messages_read']:,} |",
-            f"| AMQP messages a web start reads, per 10,000 tasks in the window "
-            f"| {rebuilt['messages_read_per_10000_tasks']:,.0f} |",
-            f"| web starts a month in CloudAMQP's free {FREE_PLAN_MESSAGES:,} messages, 10,000 tasks in the window "
-            f"| {FREE_PLAN_MESSAGES / rebuilt['messages_read_per_10000_tasks']:.1f} |",
+            f"| web start to `task board rebuilt`, {starts} (s) | {figure('launch_to_rebuilt_s', '.2f')} |",
+            f"| web start to first ready `/readyz`, {starts} (s) | {figure('launch_to_ready_s', '.2f')} |",
+            f"| CPU seconds of the web process to `task board rebuilt`, {starts} "
+            f"| {figure('cpu_s_to_rebuilt', '.2f')} |",
+            f"| of which decoding and applying the history's events, alone (CPU s) | {rebuilt['apply_cpu_s']:.2f} |",
+            f"| web process PSS after the start, {starts} (MiB) | {figure('web_pss_mib', '.1f')} |",
+            f"| web process RSS after the start, {starts} (MiB) | {figure('web_rss_mib', '.1f')} |",
+            f"| AMQP messages the broker delivers to a web start, {starts} | {figure('messages_read', ',')} |",
+            f"| tasks on the board after the start, {starts} | {figure('tasks_rebuilt', ',')} |",
+            f"| web starts a month in CloudAMQP's free {FREE_PLAN_MESSAGES:,} messages, as the last start "
+            f"| {FREE_PLAN_MESSAGES / second['messages_read']:,.0f} |",
             "",
         ]
     )
@@ -408,15 +480,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer countdowns, for CI")
     parser.add_argument("--output-dir", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--core",
+        type=Path,
+        default=ROOT,
+        help="measure the main.py, tasks.py, settings.toml and supervisord.conf in this directory instead",
+    )
     arguments = parser.parse_args()
     at_once = 5 if arguments.quick else 50
     watchers = 2 if arguments.quick else 10
     # Quick mode (CI) posts and rebuilds fewer tasks, and scales to 10,000.
     remembered = 2_000 if arguments.quick else REMEMBERED
-    rebuilt = 1_000 if arguments.quick else 10_000
+    finished = 1_000 if arguments.quick else 10_000
     try:
         with tempfile.TemporaryDirectory(prefix="onebox-bench-") as directory:
-            scratch = Scratch.create(Path(directory))
+            scratch = Scratch.create(Path(directory), arguments.core.resolve())
+            CORE[0] = scratch.core
             say("events per task, and tick to SSE")
             # The watchers are one client: let it hold them all at once.
             with onebox(scratch, new_queue("status"), MAX_EVENT_STREAMS_PER_CLIENT=watchers) as stack:
@@ -425,13 +504,14 @@ def main() -> None:
             say(f"memory of {remembered:,} remembered tasks")
             figures["memory"] = memory_per_remembered_tasks(scratch, remembered)
             figures["memory"]["board_mib_per_10000_finished"] = board_allocation()
-            say(f"web start on an empty events stream, and on {rebuilt:,} tasks' events")
-            figures["rebuild"] = rebuild(scratch, rebuilt, figures["events"]["messages_per_task"])
+            say(f"web starts: on an empty events stream; twice on {finished:,} finished and {finished // 2:,} waiting")
+            figures["rebuild"] = rebuild(scratch, finished, finished // 2, figures["events"]["messages_per_task"])
     finally:
         sweep(QUEUES)
     stem = "status-quick" if arguments.quick else "status"
     results = {
         "command": " ".join(["uv run python bench/status.py", *sys.argv[1:]]),
+        "core": str(arguments.core.resolve()),
         "machine": machine(),
         # Other work on the machine meanwhile skews the times.
         "load_average": os.getloadavg(),

@@ -60,10 +60,22 @@ def output_of(result: subprocess.CompletedProcess[str], arguments: tuple[str, ..
     return result.stdout
 
 
+def consumer_timeout_config(seconds: float | None) -> tuple[str, str]:
+    """rabbitmq.conf lines and advanced.config for a consumer_timeout of ``seconds`` (None: the default).
+
+    RabbitMQ checks a channel's deliveries against it once per channel tick,
+    every 60 s by default: a tick of a second lets a test see a short timeout act.
+    """
+    if seconds is None:
+        return "", "[].\n"
+    return f"consumer_timeout = {int(seconds * 1000)}\n", "[{rabbit, [{channel_tick_interval, 1000}]}].\n"
+
+
 class RabbitNode(Node):
     """One RabbitMQ node on 127.0.0.1, started and stopped by its owner."""
 
-    def __init__(self, metrics: bool = False) -> None:
+    def __init__(self, metrics: bool = False, consumer_timeout: float | None = None) -> None:
+        self.consumer_timeout = consumer_timeout
         self.account = pwd.getpwnam("rabbitmq")
         self.port = free_port()
         # The rabbitmq_prometheus plugin's port: the broker's own message counters.
@@ -108,8 +120,10 @@ class RabbitNode(Node):
     def _prepare(self) -> None:
         home = self.home
         (home / "rabbitmq-env.conf").write_text("")
+        impatience, advanced = consumer_timeout_config(self.consumer_timeout)
+        (home / "advanced.config").write_text(advanced)
         (home / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            impatience + f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             # Tests set the memory watermark by hand; keep the disk alarm out
             # of their way on a nearly full test machine.
             "disk_free_limit.absolute = 1MB\n"
@@ -201,10 +215,19 @@ class RabbitContainer(Node):
     and delivered) on a port of its own, on loopback.
     """
 
-    def __init__(self, podman: str, image: str = RABBITMQ_IMAGE) -> None:
-        self.podman = podman
+    def __init__(
+        self,
+        podman: str,
+        image: str = RABBITMQ_IMAGE,
+        port: int | None = None,
+        consumer_timeout: float | None = None,
+    ) -> None:
+        self.consumer_timeout = consumer_timeout
+        self.podman = podman  # or docker: the same commands
         self.image = image
-        self.port = free_port()
+        # A named image is local here (no registry); the official one is pulled where it is missing.
+        self.pull = "never" if "RABBITMQ_IMAGE" in os.environ else "missing"
+        self.port = port or free_port()
         self.dist_port = free_port()
         self.metrics_port = free_port()
         self.name = f"onebox-rmq-{self.port}"
@@ -218,8 +241,10 @@ class RabbitContainer(Node):
 
     def start(self, timeout: float = 90) -> float:
         """Start the container and wait until the node serves AMQP; the seconds it took."""
+        impatience, advanced = consumer_timeout_config(self.consumer_timeout)
+        (self.home / "advanced.config").write_text(advanced)
         (self.home / "rabbitmq.conf").write_text(
-            f"prometheus.tcp.port = {self.metrics_port}\n"
+            impatience + f"prometheus.tcp.port = {self.metrics_port}\n"
             "prometheus.tcp.ip = 127.0.0.1\n"
             "disk_free_limit.absolute = 1MB\n"
             "loopback_users = none\n"
@@ -230,18 +255,19 @@ class RabbitContainer(Node):
         started = time.monotonic()
         subprocess.run(
             [
-                self.podman, "run", "-d", "--pull=never", "--network", "host", "--name", self.name,
+                self.podman, "run", "-d", f"--pull={self.pull}", "--network", "host", "--name", self.name,
                 "-v", f"{self.home}:/etc/onebox-rabbitmq:ro",
                 "-e", f"RABBITMQ_NODENAME={self.node}",
                 "-e", f"RABBITMQ_NODE_PORT={self.port}",
                 "-e", f"RABBITMQ_DIST_PORT={self.dist_port}",
                 "-e", "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1",
                 "-e", "RABBITMQ_CONFIG_FILE=/etc/onebox-rabbitmq/rabbitmq.conf",
+                "-e", "RABBITMQ_ADVANCED_CONFIG_FILE=/etc/onebox-rabbitmq/advanced.config",
                 "-e", "RABBITMQ_ENABLED_PLUGINS_FILE=/etc/onebox-rabbitmq/enabled_plugins",
                 "-e", "ERL_EPMD_ADDRESS=127.0.0.1",
                 self.image,
             ],
-            check=True, capture_output=True, text=True, timeout=60,
+            check=True, capture_output=True, text=True, timeout=60 if self.pull == "never" else 600,
         )  # fmt: skip
         # await_startup fails at once while the node has not registered with epmd yet.
         deadline = started + timeout
@@ -265,7 +291,9 @@ class RabbitContainer(Node):
         return output_of(result, arguments)
 
     def stop(self) -> None:
-        subprocess.run([self.podman, "rm", "-f", "-t", "0", self.name], capture_output=True, check=False, timeout=60)
+        # docker rm -f kills at once; podman waits for the stop timeout unless told not to.
+        no_wait = ["-t", "0"] if Path(self.podman).name == "podman" else []
+        subprocess.run([self.podman, "rm", "-f", *no_wait, self.name], capture_output=True, check=False, timeout=60)
         shutil.rmtree(self.home, ignore_errors=True)
 
     def log(self) -> str:

@@ -59,30 +59,45 @@ def test_remembering_10000_tasks_is_measured_on_the_web_process(status: dict[str
 
 def test_a_web_start_rebuilds_its_board_from_every_task_in_the_stream(status: dict[str, Any]) -> None:
     rebuild = status["figures"]["rebuild"]
+    history = rebuild["finished"] + rebuild["waiting"]
 
     assert rebuild["empty"]["tasks_rebuilt"] == 0
-    assert rebuild["full"]["tasks_rebuilt"] == rebuild["tasks"] > 0
+    assert rebuild["first"]["tasks_rebuilt"] == history
+    assert rebuild["second"]["tasks_rebuilt"] == history + rebuild["trailing"]
 
 
-def test_a_web_start_reads_every_message_of_the_window_then_its_own_marker(status: dict[str, Any]) -> None:
+def test_a_web_start_without_a_snapshot_reads_every_message_of_the_window(status: dict[str, Any]) -> None:
     rebuild = status["figures"]["rebuild"]
 
-    assert rebuild["empty"]["messages_read"] == 1
-    assert rebuild["full"]["messages_read"] == rebuild["messages_written"] + 1
+    # Looking for a snapshot: its marker in the last 10 minutes, then both
+    # markers in the whole stream; then its marker in the events stream, and
+    # the cut it writes at once for the snapshot it found none of.
+    assert rebuild["empty"]["messages_read"] == 1 + 2 + 1 + 1
+    assert rebuild["first"]["messages_read"] == rebuild["messages_written"] + 1 + 2 + 1 + 1
     # Batched as real traffic: fewer messages than events, more than one per task.
-    assert rebuild["tasks"] < rebuild["messages_written"] < rebuild["tasks"] * 12
+    assert rebuild["finished"] < rebuild["messages_written"] < rebuild["finished"] * 12
+
+
+def test_a_web_start_reads_the_snapshot_and_the_events_since_its_cut(status: dict[str, Any]) -> None:
+    rebuild = status["figures"]["rebuild"]
+    parts = rebuild["first"]["snapshot_messages_written"]
+
+    # The snapshot's parts and the markers in its stream (the first start's
+    # two, its own); in the events stream: the cut, what came since, its marker.
+    assert parts >= 1
+    assert rebuild["second"]["messages_read"] == parts + 2 + 1 + 1 + rebuild["trailing_messages"] + 1
 
 
 def test_decoding_and_applying_the_events_is_a_part_of_the_rebuild(status: dict[str, Any]) -> None:
     rebuild = status["figures"]["rebuild"]
 
-    assert 0 < rebuild["apply_cpu_s"] < rebuild["full"]["cpu_s_to_rebuilt"]
+    assert 0 < rebuild["apply_cpu_s"] < rebuild["first"]["cpu_s_to_rebuilt"]
 
 
 def test_a_web_start_is_ready_only_once_its_board_is_rebuilt(status: dict[str, Any]) -> None:
     rebuild = status["figures"]["rebuild"]
 
-    for start in (rebuild["empty"], rebuild["full"]):
+    for start in (rebuild["empty"], rebuild["first"], rebuild["second"]):
         assert 0 < start["launch_to_rebuilt_s"] <= start["launch_to_ready_s"]
         assert 0 < start["cpu_s_to_rebuilt"] < start["launch_to_rebuilt_s"] * 2  # two cores at most
         assert start["web_pss_mib"] > 0

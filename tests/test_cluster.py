@@ -148,8 +148,11 @@ def delete_queues(proxy: ClusterProxy, queue: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(proxy.url()))
     try:
         channel = connection.channel()
-        for name in tasks.queues(msgspec.structs.replace(tasks.settings, queue_name=queue)):
+        settings = msgspec.structs.replace(tasks.settings, queue_name=queue)
+        for name in tasks.queues(settings):
             channel.queue_delete(name)
+        for name in tasks.exchanges(settings):
+            channel.exchange_delete(name)
     finally:
         connection.close()
 
@@ -403,13 +406,18 @@ def test_quorum_makes_the_task_delay_and_dead_letter_queues_quorum_queues(quorum
         f"{queue}.XQ": "quorum",
         f"{queue}.cancellations": "stream",
         f"{queue}.events": "stream",
+        f"{queue}.snapshots": "stream",
+        **{f"{queue}.delay.{level}": "quorum" for level in range(tasks.DELAY_LEVELS)},
     }
+    assert '"x-dead-letter-strategy","at-least-once"' in queues[f"{queue}.delay.0"][1]
     assert f'"x-dead-letter-routing-key","{queue}.XQ"' in queues[queue][1]
     assert f'"x-dead-letter-routing-key","{queue}.XQ"' in queues[f"{queue}.DQ"][1]
     assert "x-message-ttl" in queues[f"{queue}.XQ"][1]
 
 
-@pytest.mark.parametrize("suffix", ["", ".DQ", ".XQ", ".cancellations", ".events"])
+@pytest.mark.parametrize(
+    "suffix", ["", ".DQ", ".XQ", ".cancellations", ".events", ".snapshots", ".delay.0", ".delay.20"]
+)
 def test_every_queue_the_work_depends_on_has_a_member_on_every_node(quorum_stacks: Stacks, suffix: str) -> None:
     cluster = quorum_stacks.cluster
     members = cluster.ctl(cluster.nodes[0], "-q", "list_queues", "--no-table-headers", "name", "members")

@@ -16,6 +16,7 @@ timer would.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,11 +30,23 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, Process, copy_checkout, free_port, require_tool, wait_http
+from conftest import (
+    README_COMMANDS,
+    ROOT,
+    Process,
+    copy_checkout,
+    countdown_refusal,
+    free_port,
+    require_tool,
+    wait_http,
+)
 
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 STOP_BUDGET = tomllib.loads((ROOT / "fly.toml").read_text())["kill_timeout"]
 OFFICIAL_RABBITMQ = "docker.io/library/rabbitmq:4.0-management"
+# The README's first command, `docker compose up --build`: its arguments after `docker compose`,
+# run here with podman-compose (no Docker on the test machines), detached.
+README_UP = shlex.split(README_COMMANDS[0])[2:]
 
 
 @dataclass
@@ -115,7 +128,7 @@ def test_the_broker_image_is_the_official_one_unless_set() -> None:
 
 
 def test_compose_up_runs_a_countdown_and_down_leaves_nothing(project: Project) -> None:
-    project.compose("up", "--build", "-d", timeout=600)
+    project.compose(*README_UP, "-d", timeout=600)
     broker, onebox = project.container("rabbitmq"), project.container("onebox")
 
     wait_healthy(broker)
@@ -146,7 +159,7 @@ def test_the_development_variant_restarts_web_and_worker_on_a_change_of_the_chec
     copy_checkout(tmp_path, skip=("tests/", "bench/", "docs/"))
     tmp_path.chmod(0o755)  # the container's user reads the checkout
     project.directory, project.files = tmp_path, (*project.files, "compose.dev.yaml")
-    project.compose("up", "--build", "-d", timeout=600)
+    project.compose(*README_UP, "-d", timeout=600)
     wait_http(project.url("/readyz"), timeout=90)
     logs = Process(["podman", "logs", "--follow", project.container("onebox")], env=dict(os.environ))
     try:
@@ -156,18 +169,10 @@ def test_the_development_variant_restarts_web_and_worker_on_a_change_of_the_chec
         settings.write_text(settings.read_text().replace("\nmax_seconds = 300\n", "\nmax_seconds = 7\n"))
 
         deadline = time.monotonic() + 90
-        while "<= 7" not in (detail := too_long_countdown_detail(project)):
+        while "<= 7" not in (detail := countdown_refusal(project.url(""), 8)):
             assert time.monotonic() < deadline, f"the web server still says {detail!r}"
             time.sleep(0.5)
         logs.wait_for(r"Sending signal 'SIGHUP' to subprocesses", start=start, timeout=30)
         logs.wait_for(r"Worker process is ready for action", start=start, timeout=60)
     finally:
         logs.stop()
-
-
-def too_long_countdown_detail(project: Project) -> str:
-    try:
-        response = httpx.post(project.url("/tasks"), json={"seconds": 8}, timeout=5)
-    except httpx.HTTPError as error:
-        return repr(error)
-    return str(response.json().get("detail", response.status_code))

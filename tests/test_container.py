@@ -187,7 +187,7 @@ def test_every_process_in_the_container_runs_as_the_non_root_user(containers: Co
     processes = box.processes()
 
     assert {(user, huser) for user, huser, _ in processes} == {("onebox", "10001")}, processes
-    for program in ("tini", "supervisord", "granian", "dramatiq"):
+    for program in ("tini", "supervise.py", "tasks.py web", "tasks.py worker"):
         assert program in box.commands()
 
 
@@ -266,9 +266,9 @@ def test_web_only_and_worker_only_containers_split_the_work(containers: Containe
     task_id = post_countdown(web, 1)
 
     worker.logs.wait_for(rf"task {task_id} done seconds=1")
-    assert "granian" in web.commands() and "dramatiq" not in web.commands()
-    assert "dramatiq" in worker.commands() and "granian" not in worker.commands()
-    assert "supervisord" not in web.commands() + worker.commands()
+    assert "tasks.py web" in web.commands() and "tasks.py worker" not in web.commands()
+    assert "tasks.py worker" in worker.commands() and "tasks.py web" not in worker.commands()
+    assert "supervise.py" not in web.commands() + worker.commands()
 
 
 @pytest.mark.parametrize("role", ["web", "worker"])
@@ -320,10 +320,10 @@ def test_the_broker_url_is_a_secret_not_part_of_any_config() -> None:
 
 def test_public_deploys_put_the_tasks_routes_behind_a_token() -> None:
     render_env = {variable["key"]: variable for variable in RENDER["envVars"]}
-    readme = (ROOT / "README.md").read_text()
+    deploy_steps = (ROOT / "docs" / "deploy.md").read_text()
 
     assert render_env["API_TOKEN"] == {"key": "API_TOKEN", "generateValue": True}
-    assert 'fly secrets set API_TOKEN="$TOKEN"' in readme
+    assert 'fly secrets set API_TOKEN="$TOKEN"' in deploy_steps
     assert "API_TOKEN" not in FLY.get("env", {})  # a secret, never in the file
     assert SETTINGS["api_token"] == ""  # the local quick start stays open
 

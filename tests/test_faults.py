@@ -31,7 +31,7 @@ import httpx
 import pika
 import psutil
 import pytest
-from conftest import Process, TcpProxy, free_port, require_tool, start_stack, wait_http
+from conftest import Process, TcpProxy, free_port, program_process, require_tool, start_stack, wait_http
 from rabbit_node import RabbitContainer, RabbitNode
 
 HEARTBEAT = 2
@@ -208,12 +208,9 @@ class Rig:
     base: str
     queue: str
 
-    def program(self, module: str) -> psutil.Process:
-        """The process supervisord runs for ``python -m <module>``."""
-        for child in psutil.Process(self.stack.popen.pid).children():
-            if f"-m {module} " in " ".join(child.cmdline()):
-                return child
-        raise AssertionError(f"supervisord runs no {module}")
+    def program(self, name: str) -> psutil.Process:
+        """The process supervisord runs for ``python tasks.py <name>``."""
+        return program_process(self.stack, name)
 
 
 @contextmanager
@@ -432,17 +429,8 @@ def worker_killed(rig: Rig, figures: list[dict[str, Any]]) -> Trial:
         task_id = post(rig.base, 3)
         rig.stack.wait_for(rf"task {task_id} started seconds=3 attempt=1 redelivered=no")
         mark = len(rig.stack.lines)
-        # Dramatiq's worker process: the one with broker connections (the
-        # metrics server is a child of Dramatiq's main process too).
-        (child,) = [
-            process
-            for process in rig.program("dramatiq").children()
-            if any(
-                connection.raddr and connection.raddr.port == rig.proxy.port for connection in process.net_connections()
-            )
-        ]
         start = time.monotonic()
-        child.kill()
+        rig.program("worker").kill()
         rig.stack.wait_for(r"spawned: 'worker'", 30, mark)
         again = rig.stack.wait_for(rf"task {task_id} started seconds=3 attempt=1 redelivered=yes", 60, mark)
         end = monotonic_at(again.string)
@@ -452,32 +440,16 @@ def worker_killed(rig: Rig, figures: list[dict[str, Any]]) -> Trial:
 
 
 def web_killed(rig: Rig, figures: list[dict[str, Any]]) -> Trial:
-    """SIGKILL granian's main process: supervisord starts a new one."""
+    """SIGKILL the web process: supervisord starts a new one."""
     with Load(rig.base) as load:
         load.wait_accepted(10)
         mark = len(rig.stack.lines)
-        granian = rig.program("granian")
-        workers = granian.children()
         start = time.monotonic()
-        granian.kill()
+        rig.program("web").kill()
         rig.stack.wait_for(r"spawned: 'web'", 30, mark)
         load.wait_accepted(20, after=start)
-    orphans = reap_orphans(workers)
     unanswered = sum(1 for answer in load.answers if answer.status is None)
-    return conclude(
-        "web SIGKILL", rig, load, start, start, figures, unanswered_posts=unanswered, orphaned_workers=orphans
-    )
-
-
-def reap_orphans(children: list[psutil.Process]) -> int:
-    """How many of a killed process's children outlived it; they are ended now.
-
-    A child that outlives its parent serves on, out of supervisord's reach.
-    """
-    _, orphans = psutil.wait_procs(children, timeout=5)
-    for orphan in orphans:
-        orphan.kill()
-    return len(orphans)
+    return conclude("web SIGKILL", rig, load, start, start, figures, unanswered_posts=unanswered)
 
 
 def duplicate_delivery(rig: Rig, figures: list[dict[str, Any]]) -> Trial:
@@ -621,19 +593,6 @@ def test_a_worker_killed_mid_countdown_is_restarted_and_its_task_redelivered(
 def test_a_killed_web_process_is_restarted_and_loses_no_accepted_task(web_kill: Trial) -> None:
     assert web_kill.lost == 0
     assert set(web_kill.answers_during_fault) <= {"202", "none"}
-
-
-def test_a_killed_web_process_leaves_no_worker_behind(web_kill: Trial) -> None:
-    assert web_kill.details["orphaned_workers"] == 0
-
-
-def test_a_killed_worker_main_process_leaves_no_worker_behind(rig: Rig) -> None:
-    dramatiq_main = rig.program("dramatiq")
-    workers = dramatiq_main.children()
-
-    dramatiq_main.kill()
-
-    assert reap_orphans(workers) == 0
 
 
 def test_the_same_message_delivered_twice_runs_twice_without_harm(rig: Rig, figures: list[dict[str, Any]]) -> None:

@@ -14,24 +14,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, ROOT, copy_checkout, require_tool
+from conftest import IN_CI, README_COMMANDS, ROOT, copy_checkout, require_tool
 
 README = (ROOT / "README.md").read_text()
-COMMANDS = re.findall(r"^```bash\n(.*?)\n```$", README, re.MULTILINE | re.DOTALL)
 # A Python that PEP 668 marks as managed by the system's package manager.
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 
 def test_the_readme_starts_with_the_compose_command() -> None:
-    assert COMMANDS[0] == "docker compose up --build"
-    assert README.index(COMMANDS[0]) < README.index("## The API")
+    assert README_COMMANDS[0] == "docker compose up --build"
+    assert README.index(README_COMMANDS[0]) < README.index("## A first task")
 
 
 def test_the_readme_second_command_runs_the_tests_and_ci_runs_exactly_it() -> None:
     ci_commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] != "#"]
 
-    assert COMMANDS[1] == "uv run pytest"
-    assert ci_commands[-1] == COMMANDS[1]
+    assert README_COMMANDS[1] == "uv run pytest"
+    assert ci_commands[-1] == README_COMMANDS[1]
 
 
 def externally_managed(python: Path) -> bool:
@@ -56,7 +55,7 @@ def test_the_test_command_works_with_an_externally_managed_python(tmp_path: Path
     env["UV_PYTHON"] = str(SYSTEM_PYTHON)
 
     result = subprocess.run(
-        [*COMMANDS[1].split(), "--collect-only", "-q"],
+        [*README_COMMANDS[1].split(), "--collect-only", "-q"],
         cwd=checkout,
         env=env,
         check=False,

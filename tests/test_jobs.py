@@ -1,8 +1,8 @@
 """Jobs: any @job actor's status, progress, result and error, for every web process.
 
-The unit tests drive tasks.TaskControl by hand, as Dramatiq's worker does
+The unit tests drive tasks.TaskRuns by hand, as Dramatiq's worker does
 (before, the actor, after), on a clock of their own, and hand the events it
-publishes to a web process's Publisher as one batch. The others run the
+publishes to a web process's EventsFeed as one batch. The others run the
 README's example job on real stacks against the real RabbitMQ.
 """
 
@@ -19,50 +19,16 @@ import dramatiq
 import httpx
 import msgspec
 import pytest
-from conftest import ROOT, Process, delete_queues, free_port, start_stack, wait_http
+from conftest import ROOT, Clock, Process, delete_queues, free_port, start_stack, wait_http
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import CurrentMessage, SkipMessage, TimeLimitExceeded
 from litestar.testing import TestClient
-from test_api import RecordingPublisher
+from test_api import RecordingPublisher, caught_up, offline_app
 
 import main
 import tasks
 
 # -- A worker by hand -----------------------------------------------------------------
-
-
-class Clock:
-    """time.time, time.monotonic and time.sleep for tasks.py; a sleep may cancel or raise."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-        self.plans: list[tuple[float, Callable[[], None]]] = []
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        due = [plan for plan in self.plans if plan[0] <= self.now]
-        self.plans = [plan for plan in self.plans if plan[0] > self.now]
-        for _, action in due:
-            action()
-
-    def after(self, seconds: float, action: Callable[[], None]) -> None:
-        self.plans.append((self.now + seconds, action))
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
-    clock = Clock()
-    monkeypatch.setattr(tasks, "time", clock)
-    tasks.control.caught_up.set()
-    tasks.control.outbox.clear()
-    yield clock
-    tasks.control.outbox.clear()
 
 
 def work(
@@ -76,16 +42,16 @@ def work(
     the last attempt or for an exception in the actor's ``throws``."""
     message = message or actor.message_with_options(kwargs=arguments)
     proxy = MessageProxy(message)
-    tasks.control.before_process_message(tasks.broker, proxy)
+    tasks.task_runs.before_process_message(tasks.broker, proxy)
     CurrentMessage().before_process_message(tasks.broker, proxy)  # type: ignore[no-untyped-call]
     try:
         actor(**arguments)
     except BaseException as error:  # noqa: BLE001 - what the worker does: time limits are BaseExceptions
         if last:
             proxy.fail()
-        tasks.control.after_process_message(tasks.broker, proxy, exception=error)
+        tasks.task_runs.after_process_message(tasks.broker, proxy, exception=error)
     else:
-        tasks.control.after_process_message(tasks.broker, proxy)
+        tasks.task_runs.after_process_message(tasks.broker, proxy)
     # What Dramatiq's Retries does to a message it will run again.
     message.options["retries"] = message.options.get("retries", 0) + 1
     return message
@@ -93,21 +59,21 @@ def work(
 
 def published() -> list[tasks.TaskEvent]:
     """The events the worker has handed over since the last call, as one batch."""
-    events = list(tasks.control.outbox)
-    tasks.control.outbox.clear()
+    events = list(tasks.worker_link.outbox)
+    tasks.worker_link.outbox.clear()
     return events
 
 
-def hear(publisher: main.Publisher, body: bytes) -> None:
+def hear(feed: main.EventsFeed, body: bytes) -> None:
     """A message of the task events stream, as the web process applies it."""
-    publisher.apply_batch(body)
+    feed.apply_batch(body)
 
 
 def board_after(events: list[tasks.TaskEvent]) -> main.TaskView:
     """The one task these events are about, as a web process sees it after hearing them."""
-    publisher = RecordingPublisher()
-    hear(publisher, msgspec.json.encode(events))
-    [view] = publisher.board.tasks.values()
+    feed = caught_up(RecordingPublisher())
+    hear(feed, msgspec.json.encode(events))
+    [view] = feed.board.tasks.values()
     return view
 
 
@@ -162,7 +128,7 @@ def test_a_job_cancelled_while_it_runs_stops_at_its_next_report(
     clock: Clock, actor: dramatiq.Actor[..., None], arguments: dict[str, Any]
 ) -> None:
     message = actor.message_with_options(kwargs=arguments)
-    clock.after(1.5, lambda: tasks.control.cancelled.__setitem__(message.message_id, clock.now))
+    clock.after(1.5, lambda: tasks.cancellations.cancelled.__setitem__(message.message_id, clock.now))
 
     work(actor, arguments, message=message)
 
@@ -177,11 +143,11 @@ def test_a_job_cancelled_before_it_starts_never_runs(
     clock: Clock, actor: dramatiq.Actor[..., None], arguments: dict[str, Any]
 ) -> None:
     message = actor.message_with_options(kwargs=arguments)
-    tasks.control.cancelled[message.message_id] = clock.now
+    tasks.cancellations.cancelled[message.message_id] = clock.now
     CurrentMessage().before_process_message(tasks.broker, MessageProxy(message))  # type: ignore[no-untyped-call]
 
     with pytest.raises(SkipMessage):
-        tasks.control.before_process_message(tasks.broker, MessageProxy(message))
+        tasks.task_runs.before_process_message(tasks.broker, MessageProxy(message))
 
     [event] = published()
     assert (event.event, event.actor, event.id) == ("cancelled", actor.actor_name, message.message_id)
@@ -200,7 +166,7 @@ def test_a_failed_attempt_is_retrying_and_the_last_one_failed(
 
     assert [event.event for event in retrying] == ["started", "progress", "retrying"]
     waiting = board_after(retrying)
-    assert (waiting.status, waiting.attempts) == ("queued", 1)
+    assert (waiting.status, waiting.attempts) == ("retrying", 1)
     assert waiting.error is not None
     final = board_after(retrying + failed)
     assert (final.status, final.attempts, final.error) == ("failed", 2, waiting.error)
@@ -232,7 +198,7 @@ def test_an_error_message_carrying_the_broker_password_or_the_token_is_redacted(
 ) -> None:
     password, token = "s3cret-p@ss", "a-long-enough-test-token"
     monkeypatch.setattr(
-        tasks.control,
+        tasks.task_runs,
         "settings",
         msgspec.structs.replace(tasks.settings, cloudamqp_url="amqp://app:s3cret-p%40ss@rabbit/", api_token=token),
     )
@@ -292,23 +258,23 @@ def test_one_undecodable_event_in_a_batch_is_dropped_alone_counted_and_logged(
     good = msgspec.json.encode(tasks.TaskEvent("a", "started", clock.now, "countdown", total=5)).decode()
     other = msgspec.json.encode(tasks.TaskEvent("c", "progress", clock.now, "tally", done=1, total=2)).decode()
     bad = json.dumps({"id": "b", "event": "started", "at": clock.now, "actor": "report", "done": "half"})
-    publisher = RecordingPublisher()
+    feed = caught_up(RecordingPublisher())
 
-    hear(publisher, f"[{good},{bad},{other}]".encode())
+    hear(feed, f"[{good},{bad},{other}]".encode())
 
-    assert {task_id: view.status for task_id, view in publisher.board.tasks.items()} == {"a": "running", "c": "running"}
-    assert publisher.dropped_events == 1
+    assert {task_id: view.status for task_id, view in feed.board.tasks.items()} == {"a": "running", "c": "running"}
+    assert feed.dropped_events == 1
     [warning] = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
     assert warning.startswith("ignored a task event of task 'b' that this process cannot read (1 so far): ")
     assert "$.done" in warning
 
 
 def test_a_message_that_is_no_batch_at_all_is_dropped_and_counted(caplog: pytest.LogCaptureFixture) -> None:
-    publisher = RecordingPublisher()
+    feed = caught_up(RecordingPublisher())
 
-    hear(publisher, b"not json")
+    hear(feed, b"not json")
 
-    assert (publisher.board.tasks, publisher.dropped_events) == ({}, 1)
+    assert (feed.board.tasks, feed.dropped_events) == ({}, 1)
     assert "ignored a batch of task events that this process cannot read (1 so far)" in caplog.text
 
 
@@ -322,7 +288,7 @@ def publisher() -> RecordingPublisher:
 
 @pytest.fixture
 def client(publisher: RecordingPublisher) -> Iterator[TestClient[Any]]:
-    with TestClient(main.create_app(publisher)) as client:
+    with TestClient(offline_app(publisher)) as client:
         yield client
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import Process, free_port, start_stack, wait_http
+from conftest import BROKER_PORT, Process, free_port, machine_ctl, start_stack, wait_http
 
 # supervisord's own lines have a fixed format of its own (no setting changes it).
 SUPERVISORD_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (CRIT|ERRO|WARN|INFO|DEBG) ")
@@ -22,12 +21,10 @@ MILLISECONDS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
 def broker_user() -> Iterator[tuple[str, str]]:
     """A RabbitMQ user of this test's own, with a password to look for."""
     user, password = f"test-{uuid.uuid4().hex[:8]}", f"Pw-{uuid.uuid4().hex}"
-    subprocess.run(["rabbitmqctl", "-q", "add_user", user, password], check=True, capture_output=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", "/", user, ".*", ".*", ".*"], check=True, capture_output=True
-    )
+    machine_ctl("-q", "add_user", user, password)
+    machine_ctl("-q", "set_permissions", "-p", "/", user, ".*", ".*", ".*")
     yield user, password
-    subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=True, capture_output=True)
+    machine_ctl("-q", "delete_user", user)
 
 
 def test_every_line_of_a_json_run_is_one_json_object_with_task_fields_and_no_secret(
@@ -41,7 +38,7 @@ def test_every_line_of_a_json_run_is_one_json_object_with_task_fields_and_no_sec
         QUEUE_NAME=queue_name,
         LOG_FORMAT="json",
         API_TOKEN=token,
-        CLOUDAMQP_URL=f"amqp://{user}:{password}@127.0.0.1:5672/",
+        CLOUDAMQP_URL=f"amqp://{user}:{password}@127.0.0.1:{BROKER_PORT}/",
     )
     stacks.append(stack)
     base = f"http://127.0.0.1:{port}"
@@ -64,8 +61,8 @@ def test_every_line_of_a_json_run_is_one_json_object_with_task_fields_and_no_sec
     assert {record["process"] for record in records} == {"web", "worker"}
     assert all({"level", "pid", "logger", "message"} <= record.keys() for record in records)
     loggers = {record["logger"] for record in records}
-    # granian, Litestar's app, Dramatiq's main and worker processes, the actor.
-    assert {"_granian", "onebox", "dramatiq.MainProcess", "dramatiq.WorkerProcess(0)"} <= loggers
+    # granian, Litestar's app and the actor, Dramatiq's worker.
+    assert {"_granian", "onebox", "dramatiq.worker.Worker"} <= loggers
     task_lines = [record for record in records if record["message"].startswith("task ")]
     ticks = [record for record in task_lines if record["message"].startswith(f"task {done} ")]
     assert [record["remaining"] for record in ticks] == [2, 1, 0, 0]

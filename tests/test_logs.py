@@ -17,7 +17,7 @@ import httpx
 from conftest import ROOT, Process, free_port, require_tool, stack_env, wait_http
 
 # The README's command for people who have a RabbitMQ.
-RUN = "uv run supervisord -c supervisord.conf"
+RUN = "uv run python supervise.py -c supervisord.conf"
 
 # Every line the stack writes has one of these shapes.
 LINE_SHAPES = {

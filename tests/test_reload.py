@@ -15,15 +15,15 @@ from pathlib import Path
 import httpx
 from conftest import ROOT, Process, free_port, stack_env, wait_http
 
-SERVICE_FILES = ("main.py", "tasks.py", "settings.toml", "supervisord.conf", "index.html")
+SERVICE_FILES = ("main.py", "tasks.py", "supervise.py", "settings.toml", "supervisord.conf", "index.html")
 
 
 def start_reloading_stack(stacks: list[Process], directory: Path, queue_name: str) -> tuple[Process, str]:
     port = free_port()
     env = stack_env(PORT=port, QUEUE_NAME=queue_name, RELOAD="true")
     env.pop("LOG_LEVEL", None)  # the tests change it in settings.toml
-    supervisord = str(Path(sys.executable).parent / "supervisord")
-    stack = Process([supervisord, "-c", str(directory / "supervisord.conf")], env, cwd=directory)
+    supervise = [sys.executable, str(directory / "supervise.py"), "-c", str(directory / "supervisord.conf")]
+    stack = Process(supervise, env, cwd=directory)
     stacks.append(stack)
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/readyz", timeout=40)

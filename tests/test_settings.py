@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,44 @@ def test_an_invalid_setting_names_itself_and_what_is_expected(name: str, value: 
 def test_a_prefetch_below_the_thread_count_is_refused() -> None:
     with pytest.raises(SystemExit, match="queue_prefetch must be at least worker_threads"):
         tasks.load_settings(DEFAULTS, environ={"WORKER_THREADS": "32", "QUEUE_PREFETCH": "16"})
+
+
+def test_more_event_streams_than_connections_are_refused() -> None:
+    with pytest.raises(SystemExit, match="max_event_streams must be below max_connections"):
+        tasks.load_settings(DEFAULTS, environ={"MAX_CONNECTIONS": "500", "MAX_EVENT_STREAMS": "500"})
+
+
+def connections_and_open_files(soft: int, hard: int, max_connections: int) -> tuple[int, int, str]:
+    """What connections_that_fit says in a process started with these open-file
+    limits; the soft limit it leaves; what it logs."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    code = "import resource, tasks; print(tasks.connections_that_fit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"MAX_CONNECTIONS": str(max_connections), "PATH": ""},
+        cwd=DEFAULTS.parent,
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    connections, open_files = done.stdout.split()
+    return int(connections), int(open_files), done.stderr
+
+
+def test_the_web_raises_its_open_file_limit_to_fit_max_connections() -> None:
+    assert connections_and_open_files(1024, 8192, 4096)[:2] == (4096, 4096 + tasks.FILES_BESIDES_CONNECTIONS)
+
+
+def test_the_web_holds_fewer_connections_when_the_hard_limit_is_lower() -> None:
+    connections, open_files, logged = connections_and_open_files(1024, 2048, 4096)
+
+    assert (connections, open_files) == (2048 - tasks.FILES_BESIDES_CONNECTIONS, 2048)
+    assert "may open only 2048 files" in logged
 
 
 def test_an_unknown_key_in_the_file_is_refused(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import psutil
-from conftest import Broker, Process, free_port, stack_env, start_stack, wait_http
+from conftest import BROKER_PORT, Broker, Process, free_port, program_of, stack_env, start_stack, wait_http
 
 
 def started_stack(stacks: list[Process], queue_name: str, **settings: str | int) -> tuple[Process, str]:
@@ -139,8 +139,7 @@ def amqp_connections_by_program(stack: Process, port: int) -> dict[str, int]:
     """ESTABLISHED connections to the broker's port per program, summed over its processes."""
     counts: dict[str, int] = {}
     for child in psutil.Process(stack.popen.pid).children():
-        command = " ".join(child.cmdline())
-        name = "web" if "granian" in command else "worker" if "dramatiq" in command else None
+        name = program_of(" ".join(child.cmdline()))
         if name is None:
             continue
         tree = [child, *child.children(recursive=True)]
@@ -153,18 +152,60 @@ def amqp_connections_by_program(stack: Process, port: int) -> dict[str, int]:
     return counts
 
 
-def test_the_broker_password_appears_in_no_output_line(stacks: list[Process], queue_name: str) -> None:
+def test_the_broker_password_appears_in_no_output_line_nor_answer(stacks: list[Process], queue_name: str) -> None:
     secret = "Pa55-never-printed"
     port = free_port()
-    stack = start_stack(PORT=port, QUEUE_NAME=queue_name, CLOUDAMQP_URL=f"amqp://guest:{secret}@127.0.0.1:5672/")
+    unreachable = f"amqp://guest:{secret}@127.0.0.1:{free_port()}/"
+    stack = start_stack(PORT=port, QUEUE_NAME=queue_name, CLOUDAMQP_URL=unreachable)
     stacks.append(stack)
     wait_http(f"http://127.0.0.1:{port}/healthz")
 
-    stack.wait_for(r"\[onebox\] \[WARNING\] cannot reach the broker: .*ACCESS_REFUSED")
-    stack.wait_for(r"ConsumerThread.*Consumer encountered")
+    stack.wait_for(r"\[onebox\] \[WARNING\] cannot reach the broker at 127.0.0.1:\d+: nothing accepts connections")
+    stack.wait_for(r"ConsumerThread.*Consumer encountered a connection error: cannot reach the broker")
     answers = [httpx.post(f"http://127.0.0.1:{port}/tasks", json={"seconds": 1}).text for _ in range(3)]
     stack.send_signal(signal.SIGTERM)
     stack.wait(timeout=40)
 
     assert secret not in stack.output
     assert all(secret not in answer for answer in answers)
+
+
+def test_a_refused_login_stops_the_start_without_showing_the_password(stacks: list[Process], queue_name: str) -> None:
+    secret = "Pa55-never-printed"
+    stack = start_stack(
+        PORT=free_port(), QUEUE_NAME=queue_name, CLOUDAMQP_URL=f"amqp://guest:{secret}@127.0.0.1:{BROKER_PORT}/"
+    )
+    stacks.append(stack)
+
+    assert stack.wait(timeout=90) != 0
+    assert "refused the login of user 'guest'" in stack.output
+    assert secret not in stack.output
+
+
+def test_each_program_is_one_process_by_default(stacks: list[Process], queue_name: str) -> None:
+    stack, _ = started_stack(stacks, queue_name)
+    stack.wait_for(r"Worker process is ready for action")
+
+    programs = [program_of(" ".join(child.cmdline())) for child in psutil.Process(stack.popen.pid).children()]
+
+    assert sorted(filter(None, programs)) == ["web", "worker"]
+    for child in psutil.Process(stack.popen.pid).children():
+        if program_of(" ".join(child.cmdline())):
+            assert child.children() == [], child.cmdline()
+
+
+def test_with_several_processes_per_program_tasks_run_and_a_killed_main_process_leaves_none_behind(
+    stacks: list[Process], queue_name: str
+) -> None:
+    stack, base = started_stack(stacks, queue_name, WEB_WORKERS=2, WORKER_PROCESSES=2)
+    stack.wait_for(r"Worker process is ready for action")
+    task_id = post_task(base, 1)
+    stack.wait_for(rf"task {task_id} done seconds=1")
+
+    for main in psutil.Process(stack.popen.pid).children():
+        if program_of(" ".join(main.cmdline())):
+            children = main.children()
+            assert len(children) >= 2, main.cmdline()
+            main.kill()
+            _, alive = psutil.wait_procs(children, timeout=10)
+            assert alive == [], [child.cmdline() for child in alive]

@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import msgspec
 import pytest
 from conftest import Broker, Process, free_port, stack_env, start_stack, wait_http
 from litestar.testing import TestClient
-from test_api import RecordingPublisher
+from test_api import RecordingPublisher, caught_up, offline_app
 
 import main
 import tasks
@@ -99,6 +100,151 @@ def test_the_board_forgets_tasks_older_than_its_memory() -> None:
     assert list(tasks_board.tasks) == ["new"]
 
 
+def test_finished_tasks_past_the_count_are_forgotten_while_unfinished_ones_stay() -> None:
+    tasks_board = board(task_memory_count=2)
+    for task_id in ("waiting-1", "waiting-2"):
+        tasks_board.apply(event("queued", task_id=task_id))
+    for task_id in ("done-1", "done-2", "done-3"):
+        tasks_board.apply(event("succeeded", 0, task_id=task_id))
+
+    assert list(tasks_board.tasks) == ["waiting-1", "waiting-2", "done-2", "done-3"]
+
+
+def test_an_unfinished_task_is_remembered_until_its_due_time_has_passed_the_memory() -> None:
+    tasks_board = board(task_memory_seconds=3600)
+    queued_long_ago = main.timestamp(time.time() - 7200)
+    due_in_a_week = main.timestamp(time.time() + 7 * 86400)
+    waiting = [
+        main.TaskView(task_id, "countdown", "queued", 1, 0, 5, queued_long_ago, tasks.NO_RESULT, due_at=due)
+        for task_id, due in [("due-in-a-week", due_in_a_week), ("not-due", None)]
+    ]
+
+    tasks_board.load(waiting, {})
+
+    assert list(tasks_board.tasks) == ["due-in-a-week"]
+
+
+# -- Board snapshots: a start reads the newest, then the events since its cut --------
+
+
+def finished_and_waiting_board() -> main.TaskBoard:
+    """A board of one failed job, one finished countdown, one running and one queued."""
+    tasks_board = board()
+    tasks_board.apply(tasks.TaskEvent("tally-1", "queued", time.time(), "tally"))
+    error = tasks.TaskError("ValueError", "cannot count 'fail'")
+    tasks_board.apply(tasks.TaskEvent("tally-1", "failed", time.time(), "tally", error=error))
+    for task_id, kinds in [("done", ["queued", "succeeded"]), ("running", ["queued", "started"]), ("queued", [])]:
+        tasks_board.apply(event("queued", task_id=task_id))
+        for kind in kinds:
+            tasks_board.apply(event(kind, task_id=task_id))
+    tasks_board.tasks["done"].result = msgspec.Raw(b'{"counted":5}')
+    return tasks_board
+
+
+def snapshot_of(tasks_board: main.TaskBoard) -> bytes:
+    """The board's snapshot as a web process writes it: JSON, compressed."""
+    return zlib.compress(main.encode_snapshot(main.Cut("cut-1", time.time(), 41), tasks_board))
+
+
+def test_a_snapshot_brings_back_every_task_as_it_was_in_the_same_order() -> None:
+    before = finished_and_waiting_board()
+
+    snapshot = main.decode_snapshot(snapshot_of(before))
+    assert snapshot is not None
+    after = board()
+    after.load(snapshot.tasks, snapshot.ticks)
+
+    assert msgspec.json.encode(list(after.tasks.values())) == msgspec.json.encode(list(before.tasks.values()))
+    assert snapshot.cut.offset == 41
+    assert (list(after.finished), list(after.unfinished)) == (["tally-1", "done"], ["running", "queued"])
+
+
+def test_a_snapshot_the_process_cannot_read_is_ignored() -> None:
+    assert main.decode_snapshot(zlib.compress(b'{"cut": "not a cut"}')) is None
+    assert main.decode_snapshot(b"not even compressed") is None
+
+
+def test_a_loaded_snapshot_forgets_what_the_memory_no_longer_holds() -> None:
+    old = board()
+    old.apply(event("succeeded", 0, at=time.time() - 120, task_id="old"))
+    old.apply(event("succeeded", 0, task_id="new"))
+    snapshot = main.decode_snapshot(snapshot_of(old))
+    assert snapshot is not None
+
+    after = board(task_memory_seconds=60)
+    after.load(snapshot.tasks, snapshot.ticks)
+
+    assert list(after.tasks) == ["new"]
+
+
+def part(snapshot: str, index: int, parts: int) -> tuple[dict[str, Any], bytes]:
+    return {"snapshot": snapshot, "part": index, "parts": parts}, f"{snapshot}{index}".encode()
+
+
+def test_a_snapshot_is_complete_once_all_its_parts_have_come_in_any_order() -> None:
+    parts = main.SnapshotParts()
+    for headers, body in [part("b", 1, 2), part("a", 0, 2), part("b", 0, 2)]:
+        parts.add(headers, body)
+
+    assert parts.newest == b"b0b1"
+
+
+def test_the_newest_snapshot_is_the_last_one_completed() -> None:
+    parts = main.SnapshotParts()
+    for headers, body in [part("a", 0, 2), part("b", 0, 1), part("a", 1, 2)]:
+        parts.add(headers, body)
+
+    assert parts.newest == b"a0a1"
+
+
+def test_a_part_with_headers_out_of_bounds_is_ignored() -> None:
+    parts = main.SnapshotParts()
+    for headers, body in [part("a", 1, 1), part("b", 0, 10_000), ({"snapshot": 3, "part": 0, "parts": 1}, b"")]:
+        parts.add(headers, body)
+
+    assert parts.newest is None
+
+
+def test_a_web_process_writes_a_cut_once_enough_events_have_passed() -> None:
+    schedule = main.SnapshotSchedule()
+    for _ in range(schedule.threshold - 1):
+        schedule.heard(None, None, 0)
+    assert not schedule.due()
+
+    schedule.heard(None, None, 0)
+
+    assert schedule.due()
+    assert main.SNAPSHOT_EVERY <= schedule.threshold <= main.SNAPSHOT_EVERY * 1.5
+
+
+def test_a_web_process_that_hears_another_ones_cut_counts_again_from_it() -> None:
+    schedule = main.SnapshotSchedule()
+    for _ in range(schedule.threshold):
+        schedule.heard(None, None, 0)
+
+    schedule.heard(main.CUT, "another-process-cut", 0)
+
+    assert (schedule.since_cut, schedule.due()) == (0, False)
+
+
+def test_a_web_process_takes_its_snapshot_at_its_own_cut_and_names_its_offset() -> None:
+    schedule = main.SnapshotSchedule()
+    cut = schedule.new_cut()
+
+    assert schedule.heard(main.CUT, "another-process-cut", 7) is None
+    assert schedule.heard(main.CUT, cut.id, 9) == main.Cut(cut.id, cut.at, 9)
+
+
+def test_cuts_are_a_minute_apart_however_many_events_pass() -> None:
+    schedule = main.SnapshotSchedule()
+    schedule.heard(main.CUT, "another-process-cut", 0)
+
+    for _ in range(main.SNAPSHOT_EVERY * 2):
+        schedule.heard(None, None, 0)
+
+    assert not schedule.due()
+
+
 # -- The API, in-process ---------------------------------------------------------------
 
 
@@ -119,8 +265,13 @@ def publisher() -> CancellingPublisher:
 
 
 @pytest.fixture
-def client(publisher: CancellingPublisher) -> Iterator[TestClient[Any]]:
-    with TestClient(main.create_app(publisher)) as client:
+def feed(publisher: CancellingPublisher) -> main.EventsFeed:
+    return caught_up(publisher)
+
+
+@pytest.fixture
+def client(publisher: CancellingPublisher, feed: main.EventsFeed) -> Iterator[TestClient[Any]]:
+    with TestClient(offline_app(publisher, feed)) as client:
         yield client
 
 
@@ -178,24 +329,22 @@ def test_cancelling_a_queued_task_records_it_and_marks_it_cancelled(
     assert client.get(f"/tasks/{task_id}").json()["status"] == "cancelled"
 
 
-def test_cancelling_a_running_task_waits_for_the_worker(
-    client: TestClient[Any], publisher: CancellingPublisher
-) -> None:
+def test_cancelling_a_running_task_waits_for_the_worker(client: TestClient[Any], feed: main.EventsFeed) -> None:
     task_id = post(client)
-    publisher.board.apply(event("started", task_id=task_id))
+    feed.board.apply(event("started", task_id=task_id))
 
     response = client.delete(f"/tasks/{task_id}")
 
     assert response.json()["status"] == "cancelling"
-    publisher.board.apply(event("cancelled", 4, task_id=task_id))
+    feed.board.apply(event("cancelled", 4, task_id=task_id))
     assert client.get(f"/tasks/{task_id}").json()["status"] == "cancelled"
 
 
 def test_cancelling_a_running_task_again_writes_nothing_new(
-    client: TestClient[Any], publisher: CancellingPublisher
+    client: TestClient[Any], publisher: CancellingPublisher, feed: main.EventsFeed
 ) -> None:
     task_id = post(client)
-    publisher.board.apply(event("started", task_id=task_id))
+    feed.board.apply(event("started", task_id=task_id))
 
     answers = [client.delete(f"/tasks/{task_id}") for _ in range(3)]
 
@@ -215,9 +364,9 @@ def test_cancelling_twice_is_harmless(client: TestClient[Any], publisher: Cancel
     assert publisher.cancelled == [task_id]
 
 
-def test_cancelling_a_finished_task_is_a_409(client: TestClient[Any], publisher: CancellingPublisher) -> None:
+def test_cancelling_a_finished_task_is_a_409(client: TestClient[Any], feed: main.EventsFeed) -> None:
     task_id = post(client)
-    publisher.board.apply(event("succeeded", 0, task_id=task_id))
+    feed.board.apply(event("succeeded", 0, task_id=task_id))
 
     response = client.delete(f"/tasks/{task_id}")
 
@@ -243,8 +392,9 @@ def test_a_cancellation_the_broker_did_not_take_is_a_503(
 
 def test_cancelling_needs_the_api_token_when_one_is_set() -> None:
     publisher = CancellingPublisher(msgspec.structs.replace(tasks.settings, api_token="a-long-enough-test-token"))
-    with TestClient(main.create_app(publisher)) as client:
-        publisher.board.apply(event("queued"))
+    feed = caught_up(publisher)
+    with TestClient(offline_app(publisher, feed)) as client:
+        feed.board.apply(event("queued"))
 
         response = client.delete("/tasks/t1")
 
@@ -253,11 +403,11 @@ def test_cancelling_needs_the_api_token_when_one_is_set() -> None:
 
 
 def test_the_event_stream_of_a_finished_task_sends_its_end_and_closes(
-    client: TestClient[Any], publisher: CancellingPublisher
+    client: TestClient[Any], feed: main.EventsFeed
 ) -> None:
     task_id = post(client, seconds=2)
     for kind, done in [("started", 0), ("progress", 1), ("succeeded", 2)]:
-        publisher.board.apply(tasks.TaskEvent(task_id, kind, time.time(), "countdown", done=done, total=2))  # type: ignore[arg-type]
+        feed.board.apply(tasks.TaskEvent(task_id, kind, time.time(), "countdown", done=done, total=2))  # type: ignore[arg-type]
 
     response = client.get(f"/tasks/{task_id}/events")
 
