@@ -111,7 +111,7 @@ class Plan:
 
 
 FULL = Plan(runs=3, round_seconds=5, levels=(1, 16, 64), pickups=30, countdowns=500, delay_ms=10, scrapes=200)
-QUICK = Plan(runs=1, round_seconds=2, levels=(1, 16, 64), pickups=8, countdowns=500, delay_ms=10, scrapes=20)
+QUICK = Plan(runs=1, round_seconds=1, levels=(1, 16, 64), pickups=8, countdowns=500, delay_ms=10, scrapes=20)
 
 
 def say(text: str) -> None:
