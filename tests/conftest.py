@@ -267,19 +267,24 @@ def app_queue(broker: Broker) -> Iterator[str]:
     delete_queues(os.environ["QUEUE_NAME"], broker.url)
 
 
+# The queue fixtures stop the test's stacks before they delete: a web process or
+# worker still running would declare the deleted queues again and leave them on
+# the broker for good.
 @pytest.fixture
-def queue_name() -> Iterator[str]:
+def queue_name(stacks: list[Process]) -> Iterator[str]:
     """A queue name of this test's own; its queues are deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
+    stop_all(stacks)
     delete_queues(name)
 
 
 @pytest.fixture
-def broker_queue(broker: Broker) -> Iterator[str]:
+def broker_queue(broker: Broker, stacks: list[Process]) -> Iterator[str]:
     """A queue name of this test's own on ``broker``; deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
+    stop_all(stacks)
     delete_queues(name, broker.url)
 
 
@@ -549,7 +554,11 @@ def stacks() -> Iterator[list[Process]]:
     """Processes a test starts; all are stopped afterwards, whatever happened."""
     started: list[Process] = []
     yield started
-    for process in started:
+    stop_all(started)
+
+
+def stop_all(processes: list[Process]) -> None:
+    for process in processes:
         process.stop()
 
 

@@ -27,6 +27,7 @@ from conftest import (
     delete_queues,
     free_port,
     stack_env,
+    stop_all,
     wait_http,
 )
 from cronsim import CronSimError
@@ -472,6 +473,7 @@ def test_three_stacks_run_each_tick_once_and_another_takes_over_when_the_schedul
     try:
         judge(trial(beating, broker4, queue, stacks, before=6, after=6))
     finally:
+        stop_all(stacks)
         delete_queues(queue, broker4.url)
 
 
